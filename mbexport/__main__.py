@@ -1,0 +1,3 @@
+from mbexport.cli import main
+
+main()

@@ -1,0 +1,55 @@
+"""The PyTorch reference model: build it for a task and fill it from a Hugging Face-named state dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mbexport.errors import CheckpointError, MbexportError
+from mbexport.model.config import MegatronBertConfig
+from mbexport.model.modeling import MASK_VALUE, MegatronBert
+from mbexport.tasks import Task, get_task
+
+__all__ = ["MASK_VALUE", "MegatronBert", "MegatronBertConfig", "build_reference", "head_prefixes"]
+
+
+def head_prefixes(task: Task) -> tuple[str, ...]:
+    """Weights a checkpoint may lack for this task without being broken: the head and, if used, the pooler."""
+    return task.head_weights + (("bert.pooler.",) if task.pooler else ())
+
+
+def build_reference(task: str | Task, config: MegatronBertConfig, state_dict: dict[str, torch.Tensor], *,
+                    init_missing_head: int | None = None, source: str | Path | None = None
+                    ) -> tuple[MegatronBert, list[str]]:
+    """An fp32 eval-mode reference for ``task`` and the names of head weights that had to be seeded.
+
+    Weights for other heads are ignored. A missing head is an error unless ``init_missing_head`` gives a
+    seed; then those weights are drawn as Hugging Face initialises them (normal(0, 0.02), zero bias).
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    model = MegatronBert(config, task).eval()
+    wanted = model.state_dict()
+    missing = [name for name in wanted if name not in state_dict]
+    broken = [name for name in missing if not name.startswith(head_prefixes(task))]
+    if broken:
+        raise CheckpointError(f"missing tensor {broken[0]}" + (f" and {len(broken) - 1} more" if len(broken) > 1 else ""),
+                              source)
+    for name, target in wanted.items():
+        if name in state_dict and tuple(state_dict[name].shape) != tuple(target.shape):
+            raise CheckpointError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, "
+                                  f"expected {tuple(target.shape)}", source)
+    if missing and init_missing_head is None:
+        raise MbexportError(f"the checkpoint has no '{task.name}' head (no {missing[0]}); pass "
+                            "--init-missing-head SEED to start it from seeded random weights", source)
+    model.load_state_dict({name: state_dict[name].float() for name in wanted if name in state_dict}, strict=False)
+    if missing:
+        generator = torch.Generator().manual_seed(init_missing_head)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in sorted(missing):
+                if name.endswith("bias"):
+                    params[name].zero_()
+                else:
+                    params[name].normal_(0.0, 0.02, generator=generator)
+    return model, sorted(missing)

@@ -1,0 +1,176 @@
+"""Megatron-BERT in one file: the PyTorch reference every artifact is compared against.
+
+Megatron's BERT differs from the original BERT in three places: LayerNorm comes *before* attention and the
+MLP in every block (pre-LN), a final LayerNorm follows the last block, and the embeddings have no LayerNorm.
+Module and parameter names are Hugging Face's (``bert.encoder.layer.0.attention.self.query.weight``), so a
+``transformers`` MegatronBert folder loads with no renaming and ``transformers`` can serve as the oracle.
+
+Two attention paths compute the same thing: ``scaled_dot_product_attention`` (fast in PyTorch) and an
+explicit MatMul -> add mask -> Softmax -> MatMul with the 1/sqrt(d) scale on Q, which is the pattern
+TensorRT fuses; export switches to it with ``model.explicit_attention = True``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbexport.model.config import MegatronBertConfig
+from mbexport.tasks import Task, get_task
+
+# Additive mask for padded keys. Finite on purpose: float32's minimum turns into -inf in fp16, and a row
+# that is all padding then becomes NaN. exp(-10000) is exactly 0 in fp32, so nothing is lost.
+MASK_VALUE = -10000.0
+
+
+class Namespace(nn.Module):
+    """A bare container, so parameter paths can follow Hugging Face's nesting without a class per level."""
+
+    def __init__(self, /, **children: nn.Module):  # positional-only, so a child may be called "self"
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, c: MegatronBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+
+    def forward(self, input_ids, token_type_ids):
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        return (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+                + self.token_type_embeddings(token_type_ids))
+
+
+class Layer(nn.Module):
+    """One pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, c: MegatronBertConfig):
+        super().__init__()
+        h, eps = c.hidden_size, c.layer_norm_eps
+        self.num_heads = c.num_attention_heads
+        self.attention = Namespace(
+            ln=nn.LayerNorm(h, eps=eps),
+            self=Namespace(query=nn.Linear(h, h), key=nn.Linear(h, h), value=nn.Linear(h, h)),
+            output=Namespace(dense=nn.Linear(h, h)),
+        )
+        self.ln = nn.LayerNorm(h, eps=eps)
+        self.intermediate = Namespace(dense=nn.Linear(h, c.intermediate_size))
+        self.output = Namespace(dense=nn.Linear(c.intermediate_size, h))
+
+    def forward(self, x, mask, explicit_attention: bool):
+        qkv = self.attention.self
+        y = self.attention.ln(x)
+        q, k, v = (self._split_heads(proj(y)) for proj in (qkv.query, qkv.key, qkv.value))
+        if explicit_attention:
+            scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2) + mask
+            context = scores.softmax(dim=-1) @ v
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        context = context.transpose(1, 2).flatten(2)  # [b, heads, s, d] -> [b, s, h]
+        x = x + self.attention.output.dense(context)
+        return x + self.output.dense(F.gelu(self.intermediate.dense(self.ln(x))))
+
+    def _split_heads(self, t):
+        return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [b, s, h] -> [b, heads, s, d]
+
+
+class Trunk(nn.Module):
+    """Embeddings, the blocks, the final LayerNorm and (for some heads) the pooler: Hugging Face's ``bert``."""
+
+    def __init__(self, c: MegatronBertConfig, pooler: bool):
+        super().__init__()
+        self.embeddings = Embeddings(c)
+        self.encoder = Namespace(layer=nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers)),
+                                 ln=nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps))
+        self.pooler = Namespace(dense=nn.Linear(c.hidden_size, c.hidden_size)) if pooler else None
+
+    def forward(self, input_ids, attention_mask, token_type_ids, causal: bool, explicit_attention: bool):
+        mask = additive_mask(attention_mask, causal).to(self.encoder.ln.weight.dtype)
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.encoder.layer:
+            x = layer(x, mask, explicit_attention)
+        x = self.encoder.ln(x)
+        pooled = torch.tanh(self.pooler.dense(x[:, 0])) if self.pooler is not None else None
+        return x, pooled
+
+
+def additive_mask(attention_mask, causal: bool):
+    """[b, s] of 1 (attend) / 0 (padding) -> [b, 1, 1 or s, s] of 0 / MASK_VALUE, over key positions."""
+    keep = attention_mask[:, None, None, :].bool()
+    if causal:
+        s = attention_mask.shape[-1]
+        keep = keep & torch.ones(s, s, dtype=torch.bool, device=keep.device).tril()
+    return torch.where(keep, 0.0, MASK_VALUE)
+
+
+class LMHead(nn.Module):
+    """``cls.predictions``: dense -> GELU -> LayerNorm -> logits over the (padded) vocab, decoder tied."""
+
+    def __init__(self, c: MegatronBertConfig):
+        super().__init__()
+        self.transform = Namespace(dense=nn.Linear(c.hidden_size, c.hidden_size),
+                                   LayerNorm=nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps))
+        self.bias = nn.Parameter(torch.zeros(c.vocab_size))
+
+    def forward(self, x, word_embeddings):
+        x = self.transform.LayerNorm(F.gelu(self.transform.dense(x)))
+        return F.linear(x, word_embeddings, self.bias)
+
+
+class MegatronBert(nn.Module):
+    """The trunk plus one task's head; ``forward`` returns the task's outputs in registry order."""
+
+    def __init__(self, config: MegatronBertConfig, task: str | Task):
+        super().__init__()
+        self.config, self.task = config, get_task(task) if isinstance(task, str) else task
+        self.explicit_attention = False
+        h, name = config.hidden_size, self.task.name
+        self.bert = Trunk(config, pooler=self.task.pooler)
+        if name in ("masked-lm", "causal-lm"):
+            self.cls = Namespace(predictions=LMHead(config))
+        elif name == "next-sentence":
+            self.cls = Namespace(seq_relationship=nn.Linear(h, 2))
+        elif name == "pretraining":
+            self.cls = Namespace(predictions=LMHead(config), seq_relationship=nn.Linear(h, 2))
+        elif name in ("sequence-classification", "token-classification"):
+            self.classifier = nn.Linear(h, config.num_labels)
+        elif name == "multiple-choice":
+            self.classifier = nn.Linear(h, 1)
+        elif name == "question-answering":
+            self.qa_outputs = nn.Linear(h, 2)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> tuple[torch.Tensor, ...]:
+        choices_shape = input_ids.shape[:-1] if self.task.has_choices else None
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if choices_shape is not None:  # [b, choices, s] -> [b * choices, s]
+            input_ids, attention_mask, token_type_ids = (
+                t.flatten(0, 1) for t in (input_ids, attention_mask, token_type_ids))
+        x, pooled = self.bert(input_ids, attention_mask, token_type_ids, self.task.causal, self.explicit_attention)
+        name = self.task.name
+        if name == "model":
+            return x, pooled
+        if name in ("masked-lm", "causal-lm"):
+            return (self.cls.predictions(x, self.bert.embeddings.word_embeddings.weight),)
+        if name == "next-sentence":
+            return (self.cls.seq_relationship(pooled),)
+        if name == "pretraining":
+            return (self.cls.predictions(x, self.bert.embeddings.word_embeddings.weight),
+                    self.cls.seq_relationship(pooled))
+        if name == "sequence-classification":
+            return (self.classifier(pooled),)
+        if name == "token-classification":
+            return (self.classifier(x),)
+        if name == "multiple-choice":
+            return (self.classifier(pooled).view(choices_shape),)
+        start, end = self.qa_outputs(x).unbind(dim=-1)  # question-answering
+        return start, end
