@@ -1,0 +1,41 @@
+"""ONNX Runtime sessions configured the way every stage needs them.
+
+Q/DQ graphs are executed as exact fake-quantization (``session.disable_quant_qdq``): with default
+optimizations ONNX Runtime fuses INT8 Q/DQ into MatMulIntegerToFloat, which on CPUs without VNNI saturates
+and differs from the math TensorRT does, and older releases reject FP8 Q/DQ outright.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mbexport.errors import MbexportError
+
+
+def providers(device: str = "cpu") -> list[str]:
+    """Execution providers for ``device`` ('cpu', 'cuda', or 'auto' = CUDA when onnxruntime-gpu has it)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise MbexportError("ONNX Runtime has no CUDA provider here; install onnxruntime-gpu or use --device cpu")
+    return ["CPUExecutionProvider"]
+
+
+def ort_session(path: str | Path, device: str = "cpu", threads: int | None = None):
+    """An InferenceSession for an ONNX file, with exact Q/DQ emulation."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers(device))
+    except Exception as error:  # ORT raises its own exception types for unreadable or invalid models
+        raise MbexportError(f"ONNX Runtime cannot load it ({str(error).splitlines()[0]})", path) from None
