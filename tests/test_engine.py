@@ -115,8 +115,8 @@ def test_polygraphy_reads_our_command_line_as_our_loaders(tmp_path, workspace_po
     text = script.read_text()
 
     network, config = loaders(onnx_path, MC, profiles, settings)
-    expected_profiles = ["Profile()" + "".join(f".add({name!r}, min={list(s.min)}, opt={list(s.opt)}, max={list(s.max)})"
-                                               for name, s in p.items()) for p in config.profiles]
+    expected_profiles = ["Profile()" + "".join(f".add({n!r}, min={list(s.min)}, opt={list(s.opt)}, max={list(s.max)})"
+                                               for n, s in p.items()) for p in config.profiles]
     generated_profiles = [re.sub(r"\s+", "", line) for line in
                           re.findall(r"^\s+(Profile\(\).*?)(?:,)?$", text, flags=re.M)]
     assert len(generated_profiles) == 2
@@ -131,7 +131,8 @@ def test_polygraphy_reads_our_command_line_as_our_loaders(tmp_path, workspace_po
 
 
 def test_trtexec_command_line():
-    one = command_lines("qa/model.fp16.onnx", "qa/model.fp16.plan", QA, [Profile(batch=(1, 8, 32), sequence=(16, 128, 384))],
+    one = command_lines("qa/model.fp16.onnx", "qa/model.fp16.plan", QA,
+                        [Profile(batch=(1, 8, 32), sequence=(16, 128, 384))],
                         EngineSettings(builder_optimization_level=3, workspace_mib=4096, timing_cache="timing.cache"))
     assert one["trtexec"] == (
         "trtexec --onnx=qa/model.fp16.onnx --saveEngine=qa/model.fp16.plan --stronglyTyped "
@@ -142,7 +143,8 @@ def test_trtexec_command_line():
         "--skipInference")
     two = command_lines("a.onnx", "a.plan", QA, [Profile(), Profile(sequence=(1, 8, 16))])["trtexec"]
     # trtexec reads several profiles as --profile=N followed by that profile's three shape options
-    assert re.search(r"--profile=0 --minShapes=\S+ --optShapes=\S+ --maxShapes=\S+ --profile=1 --minShapes=input_ids:1x1,", two)
+    assert re.search(r"--profile=0 --minShapes=\S+ --optShapes=\S+ --maxShapes=\S+ "
+                     r"--profile=1 --minShapes=input_ids:1x1,", two)
     assert "timingCache" not in two and not re.search(r"--(fp16|int8|fp8|best)\b", two)
 
 
