@@ -1,0 +1,63 @@
+"""PyTorch reference -> fp32 ONNX, with the registry's names and named dynamic axes.
+
+Uses ``torch.export`` (the dynamo exporter): it yields plain standard ops with initializers instead of
+Constant nodes, native LayerNormalization at opset 17, and keeps the dynamic dims named as in the registry.
+The model is switched to its explicit attention (MatMul(Q * scale, K^T) + mask -> Softmax -> MatMul, finite
+mask value), the pattern TensorRT fuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx_ir
+import torch
+
+from mbexport.export.onnxfile import EXTERNAL_THRESHOLD, checked_onnx, external_data_name
+from mbexport.inputs import sample_batch
+from mbexport.model import MegatronBert
+
+# Example sizes for tracing: distinct and > 1, so torch.export neither specializes nor ties any dim.
+EXAMPLE = {"batch": 2, "num_choices": 3, "sequence": 7}
+
+
+def export_onnx(model: MegatronBert, out_path: str | Path, *, opset: int = 17) -> Path:
+    """Write ``model`` as a checked fp32 ONNX file (external data when > 2 GB); returns ``out_path``."""
+    task, config = model.task, model.config
+    example = sample_batch(task, config, EXAMPLE["batch"], EXAMPLE["sequence"], num_choices=EXAMPLE["num_choices"])
+    args = tuple(torch.from_numpy(example[name]) for name in task.input_names)
+    dims = {name: torch.export.Dim(name, min=1, max=config.max_position_embeddings if name == "sequence" else None)
+            for name in ("batch", "num_choices", "sequence")}
+    dynamic_shapes = {spec.name: {axis: dims[dim] for axis, dim in spec.dynamic_axes().items()}
+                      for spec in task.inputs}
+    external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_THRESHOLD
+    explicit, model.explicit_attention = model.explicit_attention, True
+    try:
+        with checked_onnx(out_path) as staged, _quiet():
+            program = torch.onnx.export(model.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                        input_names=task.input_names, output_names=task.output_names,
+                                        opset_version=opset, verbose=False)
+            onnx_ir.save(program.model, staged, external_data=external_data_name(staged) if external else None)
+    finally:
+        model.explicit_attention = explicit
+    return Path(out_path)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress lines and logs opset/axis-renaming notes; none of it is for our users."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
