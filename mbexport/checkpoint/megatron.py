@@ -1,0 +1,242 @@
+"""Megatron-LM and Megatron-Core ``mp_rank_*`` checkpoints (folders, single files, NGC zips) to HF tensors.
+
+Every shard is renamed to canonical names (``names.ALIASES``), pipeline stages are joined by renumbering
+layers, tensor-parallel ranks are merged by ``names.TP_SPLIT_DIM`` and the fused QKV is de-interleaved
+by ``checkpoint_version``'s row layout. Tensors stay views of what was loaded wherever the layout allows.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from mbexport.checkpoint import names
+from mbexport.checkpoint.safe_load import torch_load
+from mbexport.errors import CheckpointError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+SHARD_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+SHARD_FILES = ("model_optim_rng.pt", "model_rng.pt")  # the name Megatron-LM has used for each rank's file
+
+# Row layout of the fused QKV by checkpoint_version (s: which of Q/K/V, n: head, d: dim within the head).
+QKV_LAYOUTS = {0: "snd", 1: "nds", 2: "nsd"}
+
+
+def qkv_layout(version) -> str:
+    """Layout for a ``checkpoint_version`` (absent = 0; 1.0 may be stored as int 1; 3.0 and Core = 2.0's)."""
+    return QKV_LAYOUTS[min(int(float(version or 0)), 2)]
+
+
+def deinterleave_qkv(tensor: torch.Tensor, heads: int, layout: str) -> torch.Tensor:
+    """``[3*heads*d, ...]`` rows in ``layout`` -> a ``[3, heads, d, ...]`` view ([Q, K, V] first)."""
+    sizes = {"s": 3, "n": heads, "d": tensor.shape[0] // (3 * heads)}
+    grid = tensor.reshape(*(sizes[axis] for axis in layout), *tensor.shape[1:])
+    return grid.permute(*(layout.index(axis) for axis in "snd"), *range(3, grid.dim()))
+
+
+def interleave_qkv(qkv: torch.Tensor, layout: str) -> torch.Tensor:
+    """Inverse of ``deinterleave_qkv``: ``[3, heads, d, ...]`` -> fused rows in ``layout``."""
+    return qkv.permute(*("snd".index(axis) for axis in layout), *range(3, qkv.dim())).reshape(-1, *qkv.shape[3:])
+
+
+class Files:
+    """A checkpoint's files in a folder or inside a zip archive, which is read in place (no extraction)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.archive = None
+        if path.is_dir():
+            self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        else:
+            try:
+                self.archive = zipfile.ZipFile(path)
+            except (zipfile.BadZipFile, OSError) as error:
+                raise CheckpointError(f"not a valid zip archive (truncated or corrupt?): {error}", path) from None
+            self.names = sorted(n for n in self.archive.namelist() if not n.endswith("/"))
+
+    def display(self, name: str) -> Path:
+        return self.path / name
+
+    def read_text(self, name: str) -> str:
+        if self.archive:
+            return self.archive.read(name).decode().strip()
+        return (self.path / name).read_text().strip()
+
+    def load(self, name: str):
+        if not self.archive:
+            return load_file(self.path / name)
+        try:
+            with self.archive.open(name) as member:  # seekable: torch reads the member without extracting it
+                return torch_load(member, self.display(name))
+        except KeyError:
+            raise CheckpointError("missing member", self.display(name)) from None
+
+
+@dataclass
+class Shard:
+    """One rank's file: its model chunks flattened (one per virtual pipeline stage) and its metadata."""
+
+    file: Path
+    tp: int
+    pp: int
+    chunks: list[dict[str, torch.Tensor]]
+    args: object = None
+    version: object = None
+    iteration: object = None
+    mcore: bool = field(default=False)
+
+
+def shard_files(files: Files) -> dict[tuple[int, int], str]:
+    """``(tp, pp) -> file name`` of the iteration the tracker names (or the only one there is)."""
+    root = ""
+    trackers = sorted((n for n in files.names if PurePosixPath(n).name == TRACKER), key=len)
+    if trackers:
+        base = PurePosixPath(trackers[0]).parent
+        text = files.read_text(trackers[0])
+        iteration = "release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else None
+        if iteration is None:
+            raise CheckpointError(f"{TRACKER} says '{text}', expected 'release' or an iteration number",
+                                  files.display(trackers[0]))
+        root = f"{base / iteration}/".removeprefix("./")
+    found = {}
+    for name in files.names:
+        parts = PurePosixPath(name[len(root):]).parts if name.startswith(root) else ()
+        match = SHARD_DIR.match(parts[0]) if len(parts) == 2 and parts[1] in SHARD_FILES else None
+        if match:
+            found[(int(match[1]), int(match[2] or 0))] = name
+    if not found:
+        where = f"under {root}" if root else "in it"
+        raise CheckpointError(f"no mp_rank_*/model_optim_rng.pt {where}: missing member or not a Megatron checkpoint",
+                              files.path)
+    return found
+
+
+def load_file(path: Path):
+    with open(path, "rb") as f:
+        is_zip_format = f.read(4) == b"PK\x03\x04"  # mmap works only with PyTorch's zip serialization
+    return torch_load(path, path, mmap=is_zip_format)
+
+
+def read_shard(data, path: Path, tp: int, pp: int) -> Shard:
+    """Keep only what conversion needs from one rank's file (the model, args, version, iteration)."""
+    if not isinstance(data, dict):
+        raise CheckpointError("not a Megatron checkpoint (top level is not a dict)", path)
+    keys = ["model"] if "model" in data else sorted((k for k in data if re.fullmatch(r"model\d+", str(k))),
+                                                    key=lambda k: int(k[5:]))
+    if not keys:
+        raise CheckpointError("not a Megatron checkpoint (no 'model' entry)", path)
+    chunks = [flatten(data[k], path) for k in keys]
+    mcore = not any(key.startswith("language_model.") for chunk in chunks for key in chunk)
+    return Shard(path, tp, pp, chunks, data.get("args"), data.get("checkpoint_version"), data.get("iteration"), mcore)
+
+
+def flatten(tree, path: Path, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"'{prefix or 'model'}' is not a dict of tensors", path)
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(flatten(value, path, f"{name}.") if isinstance(value, dict) else {name: value})
+    return flat
+
+
+def merge_shards(shards: list[Shard], heads: int) -> dict[str, torch.Tensor]:
+    """Join pipeline stages and merge tensor-parallel ranks into Hugging Face names (consumes ``shards``)."""
+    tp = 1 + max(s.tp for s in shards)
+    pp = 1 + max(s.pp for s in shards)
+    grid = {(s.tp, s.pp) for s in shards}
+    missing = sorted({(t, p) for t in range(tp) for p in range(pp)} - grid)
+    if missing:
+        t, p = missing[0]
+        raise CheckpointError(f"missing shard mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""), shards[0].file.parent.parent)
+    versions = {str(s.version) for s in shards}
+    if len(versions) > 1:
+        raise CheckpointError(f"shards disagree on checkpoint_version ({', '.join(sorted(versions))})", shards[0].file)
+    layout = "nsd" if shards[0].mcore else qkv_layout(shards[0].version)
+    ranks = [_join_stages([s for s in shards if s.tp == t], pp) for t in range(tp)]
+    if heads % tp:
+        raise CheckpointError(f"{heads} attention heads cannot be split over {tp} tensor-parallel ranks", shards[0].file)
+    shards.clear()
+    return _merge_ranks(ranks, heads, layout)
+
+
+def _join_stages(stages: list[Shard], pp: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    """One tensor-parallel rank's canonical tensors with global layer numbers.
+
+    Chunk ``v`` of stage ``s`` holds layers ``(v * pp + s) * per_chunk + local`` (Megatron's interleaving).
+    """
+    per_chunk = 1 + max((names.split_layer(n)[0] or 0 for s in stages for c in s.chunks for k in c
+                         if (n := names.canonical(k))), default=0)
+    joined: dict[str, torch.Tensor] = {}
+    for stage in sorted(stages, key=lambda s: s.pp):
+        for v, chunk in enumerate(stage.chunks):
+            for key, tensor in chunk.items():
+                name = names.canonical(key)
+                if name is None:
+                    continue
+                if not names.is_known(name):
+                    raise CheckpointError(f"unexpected tensor {key}", stage.file)
+                layer, rest = names.split_layer(name)
+                if layer is not None:
+                    name = f"layers.{(v * pp + stage.pp) * per_chunk + layer}.{rest}"
+                if name in joined:
+                    raise CheckpointError(f"{key} appears twice (in two pipeline stages?)", stage.file)
+                joined[name] = tensor
+            chunk.clear()
+    return stages[0].file, joined
+
+
+def _merge_ranks(ranks: list[tuple[Path, dict]], heads: int, layout: str) -> dict[str, torch.Tensor]:
+    (file0, first), tp = ranks[0], len(ranks)
+    for file, rank in ranks[1:]:
+        if rank.keys() != first.keys():
+            odd = sorted(rank.keys() ^ first.keys())[0]
+            raise CheckpointError(f"tensor-parallel shards disagree: {odd} is not in every rank", file)
+    merged: dict[str, torch.Tensor] = {}
+    for name in list(first):
+        parts = [rank.pop(name) for _, rank in ranks]
+        files = [file for file, _ in ranks]
+        layer, rest = names.split_layer(name)
+        for file, part in zip(files, parts):
+            if not isinstance(part, torch.Tensor):
+                raise CheckpointError(f"{name} is not a tensor ({type(part).__name__})", file)
+        if rest.startswith(names.QKV):
+            per_rank = 3 * (heads // tp)
+            bad = [f for f, p in zip(files, parts) if p.shape[0] % per_rank]
+            if bad:
+                raise CheckpointError(f"{name} has {parts[0].shape[0]} rows, not a multiple of 3 x {heads // tp} heads", bad[0])
+            qkv = _concat([deinterleave_qkv(p, heads // tp, layout) for p in parts], 1, name, files)
+            param = rest.rpartition(".")[2]
+            for module, tensor in zip(names.QKV_TO_HF, qkv):
+                merged[f"bert.encoder.layer.{layer}.{module}.{param}"] = tensor.reshape(-1, *tensor.shape[2:])
+        elif rest in names.TP_SPLIT_DIM:
+            merged[name] = _concat(parts, names.TP_SPLIT_DIM[rest], name, files)
+        else:
+            for file, part in zip(files[1:], parts[1:]):
+                if part.shape != parts[0].shape or not torch.equal(part, parts[0]):
+                    raise CheckpointError(f"tensor-parallel shards disagree on replicated tensor {name}", file)
+            merged[name] = parts[0]
+    return _to_hf_names(merged, file0)
+
+
+def _concat(parts: list[torch.Tensor], dim: int, name: str, files: list[Path]) -> torch.Tensor:
+    if len(parts) == 1:
+        return parts[0]
+    for file, part in zip(files[1:], parts[1:]):
+        if part.dim() != parts[0].dim() or any(a != b for i, (a, b) in enumerate(zip(part.shape, parts[0].shape)) if i != dim):
+            raise CheckpointError(f"tensor-parallel shards disagree on the shape of {name}: "
+                                  f"{list(part.shape)} vs {list(parts[0].shape)}", file)
+    return torch.cat(parts, dim)
+
+
+def _to_hf_names(merged: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    untied = merged.pop(names.UNTIED_OUTPUT, None)
+    word = merged.get("word_embeddings.weight")
+    if untied is not None and (word is None or untied.shape != word.shape or not torch.equal(untied, word)):
+        raise CheckpointError("output_layer.weight is not tied to the word embeddings, which Hugging Face's "
+                              "MegatronBert requires", file)
+    return {(name if name.startswith("bert.") else names.to_hf(name)): t for name, t in merged.items()}

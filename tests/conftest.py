@@ -1,0 +1,44 @@
+"""Shared fixtures."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def megatron_bert():
+    """A random transformers MegatronBertForPreTraining (eps 1e-5, every weight random, LayerNorms too) with
+    its state dict in Checkpoint naming and the matching mbexport config. Shapes allow TP 8, PP 2 x virtual 2."""
+    transformers = pytest.importorskip("transformers")
+    from mbexport.model.config import MegatronBertConfig
+
+    config = MegatronBertConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=4, num_attention_heads=8,
+                                intermediate_size=128, max_position_embeddings=64)
+    hf_config = transformers.MegatronBertConfig(**{k: v for k, v in config.to_hf_dict().items()
+                                                   if k not in ("architectures", "id2label", "label2id")})
+    torch.manual_seed(0)
+    model = transformers.MegatronBertForPreTraining(hf_config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    state_dict = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("cls.predictions.decoder")}
+    return SimpleNamespace(model=model, config=config, state_dict=state_dict)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``mbexport ARGS...`` in-process: returns (exit code, stdout, stderr)."""
+    from mbexport.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exit:
+            code = exit.code or 0
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
