@@ -47,3 +47,41 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Commands are registered below, one block per pipeline stage.
+
+
+# ---- bench ---------------------------------------------------------------------------------------------------
+def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise MbexportError(f"{option} takes comma-separated integers such as 1,8,32, got '{text}'") from None
+
+
+@app.command()
+def bench(
+    artifacts: str = typer.Argument(..., help="An mbexport output folder (with manifest.json)."),
+    task: str | None = typer.Option(None, "--task", help="Only this task's artifacts (default: every task)."),
+    backends: str = typer.Option("torch,ort-cpu,ort-cuda,trt", "--backends",
+                                 help="Comma-separated: torch, ort-cpu, ort-cuda, trt. Unavailable ones are "
+                                      "reported as skipped."),
+    batch: str | None = typer.Option(None, "--batch", help="Batch sizes, e.g. 1,8,32 (default 1,8,32 on a GPU, "
+                                                           "1 on a CPU)."),
+    seq: str | None = typer.Option(None, "--seq", help="Sequence lengths, e.g. 128,384 (default 128,384 on a "
+                                                       "GPU, 128 on a CPU)."),
+    warmup: int | None = typer.Option(None, "--warmup", help="Untimed runs per shape (default 10 GPU, 2 CPU)."),
+    iters: int | None = typer.Option(None, "--iters", help="Timed runs per shape (default 100 GPU, 10 CPU)."),
+):
+    """Time every artifact: p50/p90/p99 latency, sequences/s, TFLOP/s; writes bench.json and bench.png."""
+    from mbexport.bench import bench as run_bench, summary
+
+    report = run_bench(artifacts, task=task, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
+                       batches=_int_list(batch, "--batch"), sequences=_int_list(seq, "--seq"), warmup=warmup,
+                       iters=iters)
+    console.print(summary(report))
+    plot = f" and {report['plot']}" if report["plot"] else " (no plot: pip install 'mbexport[bench]')"
+    console.print(f"wrote bench.json{plot} in {artifacts}", highlight=False)
+    if any(row["status"] == "failed" for row in report["results"]):
+        raise typer.Exit(1)
+# ---- end bench -----------------------------------------------------------------------------------------------
