@@ -85,3 +85,61 @@ def bench(
     if any(row["status"] == "failed" for row in report["results"]):
         raise typer.Exit(1)
 # ---- end bench -----------------------------------------------------------------------------------------------
+
+
+# ---- build / recipes (helper-4) --------------------------------------------------------------------------------
+@app.command("build")
+def build_command(
+    src: str = typer.Argument(..., help="Checkpoint: NGC zip, Megatron folder or .pt, torch_dist folder, HF folder."),
+    recipe: str | None = typer.Option(None, "--recipe", help="Recipe file or shipped name (see `mbexport recipes`); "
+                                                             "the flags below override its fields."),
+    task: str | None = typer.Option(None, "--task", help="Head: qa, mlm, seq-cls, ... (required without --recipe)."),
+    precision: str | None = typer.Option(None, "--precision", help="fp16, int8, fp8 or fp32 (default fp16)."),
+    target: str | None = typer.Option(None, "--target", help="engine (TensorRT) or onnx; default engine when "
+                                                             "TensorRT is importable, else onnx."),
+    out: str | None = typer.Option(None, "--out", help="Output folder (default artifacts/<checkpoint name>)."),
+    calib_text: str | None = typer.Option(None, "--calib-text", help="int8/fp8 calibration text, one example a line."),
+    calib_size: int | None = typer.Option(None, "--calib-size", help="Calibration examples (default 64)."),
+    calib_method: str | None = typer.Option(None, "--calib-method", help="max or entropy (default max)."),
+    vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt: copied to the output, tokenizes "
+                                                           "--calib-text."),
+    init_missing_head: int | None = typer.Option(None, "--init-missing-head", help="Seed for a head the checkpoint "
+                                                                                   "lacks (random weights)."),
+    device: str = typer.Option("cpu", "--device", help="Validation device: cpu, cuda or auto."),
+):
+    """Checkpoint to validated artifacts: ONNX export, fp16/int8/fp8, TensorRT engine; unchanged stages are cached."""
+    from pathlib import Path
+
+    from mbexport.errors import MbexportError
+    from mbexport.pipeline import build
+    from mbexport.recipes import Recipe, load_recipe
+
+    if recipe is not None:
+        base = load_recipe(recipe)
+    elif task is not None:
+        base = Recipe(name="command line", task=task, precision=precision or "fp16")
+    else:
+        raise MbexportError("give --task (and --precision), or --recipe")
+    plan = base.override(task=task, precision=precision, target=target, out=out,
+                         calib_text=Path(calib_text) if calib_text else None, calib_size=calib_size,
+                         calib_method=calib_method)
+    result = build(src, plan, vocab=vocab, init_missing_head=init_missing_head, device=device,
+                   log=lambda line: err_console.print(line, highlight=False, markup=False))
+    console.print(f"{result.out_dir}: {plan.task} {plan.precision} ({result.target}); "
+                  f"{len(result.built) or 'no'} stage(s) rebuilt; report in {result.out_dir / 'validation.md'}",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command("recipes")
+def recipes_command():
+    """List the shipped build recipes."""
+    from rich.table import Table
+
+    from mbexport.recipes import load_recipe, shipped_recipes
+
+    table = Table("name", "task", "precision", "description")
+    for path in shipped_recipes():
+        recipe = load_recipe(path)
+        table.add_row(recipe.name, recipe.task, recipe.precision, recipe.description)
+    console.print(table)
+# ---- end build / recipes ---------------------------------------------------------------------------------------

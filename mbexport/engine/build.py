@@ -121,6 +121,14 @@ def gpu_info() -> dict[str, str]:
         return {"gpu": "unknown", "compute_capability": "unknown"}
 
 
+def environment() -> dict[str, str]:
+    """What an engine is specific to: the TensorRT version and the GPU model."""
+    require_tensorrt()
+    import tensorrt
+
+    return {"tensorrt": tensorrt.__version__, **gpu_info()}
+
+
 def check_gpu(precision: str, gpu: dict[str, str], *, source=None) -> None:
     """FP8 kernels exist only from compute capability 8.9; say so before a long build fails obscurely."""
     if precision != "fp8" or gpu["compute_capability"] == "unknown":
@@ -137,14 +145,12 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, task: Task, profil
 
     ``root`` is the folder the recorded command lines are relative to (the output folder).
     """
-    require_tensorrt()
-    import tensorrt
+    env = environment()
     from polygraphy.backend.trt import EngineFromNetwork, SaveEngine
     from polygraphy.exception import PolygraphyException
 
     onnx_path, out_path = Path(onnx_path), Path(out_path)
-    gpu = gpu_info()
-    check_gpu(precision, gpu, source=onnx_path)
+    check_gpu(precision, env, source=onnx_path)
     network, config = loaders(onnx_path, task, profiles, settings)
     start = time.perf_counter()
     with atomic_file(out_path) as tmp:
@@ -161,8 +167,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, task: Task, profil
 
     cache = EngineSettings(settings.builder_optimization_level, settings.workspace_mib, rel(settings.timing_cache))
     return {
-        "tensorrt": tensorrt.__version__,
-        **gpu,
+        **env,
         "precision": precision,
         "strongly_typed": True,
         "profiles": [p.as_dict(task) for p in profiles],
