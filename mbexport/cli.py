@@ -49,6 +49,103 @@ def main(argv: list[str] | None = None) -> None:
 # Commands are registered below, one block per pipeline stage.
 
 
+# ---- convert / inspect -----------------------------------------------------------------------------------------
+@app.command("convert")
+def convert_command(
+    src: str = typer.Argument(..., help="Checkpoint: NGC zip, Megatron folder or .pt, torch_dist folder, HF folder."),
+    out: str = typer.Option(..., "--out", help="Output Hugging Face folder (written atomically)."),
+    vocab: str | None = typer.Option(None, "--vocab", help="BERT WordPiece vocab.txt to add tokenizer files."),
+    lowercase: bool = typer.Option(True, "--lowercase/--no-lowercase", help="Tokenizer lowercasing (uncased models)."),
+    num_heads: int | None = typer.Option(None, "--num-heads", help="Attention heads when args are missing "
+                                                                   "(default hidden/64)."),
+):
+    """Convert a checkpoint to a Hugging Face MegatronBert folder (config.json, model.safetensors, tokenizer)."""
+    from pathlib import Path
+
+    from mbexport.checkpoint import load_checkpoint, save_hf_folder
+
+    ckpt = load_checkpoint(src, num_attention_heads=num_heads)
+    folder = save_hf_folder(ckpt, out, vocab=Path(vocab) if vocab else None, lowercase=lowercase)
+    err_console.print(f"{ckpt.format} checkpoint -> {folder} ({ckpt.num_parameters:,} parameters, heads: "
+                      f"{', '.join(ckpt.heads)})", highlight=False)
+
+
+@app.command("inspect")
+def inspect_command(
+    src: str = typer.Argument(..., help="Checkpoint to describe (any format convert reads)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    num_heads: int | None = typer.Option(None, "--num-heads", help="Attention heads when args are missing."),
+):
+    """Describe a checkpoint: format, version, TP/PP, architecture, parameters, vocab, heads, dtype, epsilon."""
+    import json
+
+    from rich.table import Table
+
+    from mbexport.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(src, num_attention_heads=num_heads)
+    c, info = ckpt.config, ckpt.info
+    report = {
+        "path": str(ckpt.path), "format": ckpt.format, "checkpoint_version": info.get("checkpoint_version"),
+        "tensor_parallel": info.get("tensor_parallel"), "pipeline_parallel": info.get("pipeline_parallel"),
+        "iteration": info.get("iteration"),
+        "architecture": {"hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+                         "num_attention_heads": c.num_attention_heads, "intermediate_size": c.intermediate_size,
+                         "max_position_embeddings": c.max_position_embeddings, "type_vocab_size": c.type_vocab_size},
+        "num_attention_heads_source": info.get("num_attention_heads_source", "config"),
+        "parameters": ckpt.num_parameters,
+        "vocab": {"padded": info["padded_vocab_size"], "real": info.get("real_vocab_size")},
+        "heads": list(ckpt.heads), "dtype": info["dtype"],
+        "layer_norm_eps": c.layer_norm_eps, "layer_norm_eps_source": info["layer_norm_eps_source"],
+    }
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=str(ckpt.path), show_header=False)
+    for key, value in report.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(value)
+        table.add_row(key, "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value))
+    console.print(table)
+# ---- end convert / inspect -------------------------------------------------------------------------------------
+
+
+# ---- export / validate (helper-2) ------------------------------------------------------------------------------
+def _names(values: list[str] | None) -> list[str] | None:
+    """Repeatable options that also take comma lists: --precision fp32,fp16 --precision int8."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()] if values else None
+
+
+@app.command("export")
+def export_command(
+    src: str = typer.Argument(..., help="Checkpoint (anything convert reads)."),
+    task: str = typer.Option(..., "--task", help="Task head, e.g. question-answering (qa), masked-lm (mlm)."),
+    out: str = typer.Option(..., "--out", help="Output folder (DIR/<task>/model.<precision>.onnx, manifest.json)."),
+    precision: list[str] = typer.Option(["fp32"], "--precision", help="fp32 and/or fp16 (repeat or comma list)."),
+    init_missing_head: int | None = typer.Option(None, "--init-missing-head", metavar="SEED",
+                                                 help="Seed random weights for a head the checkpoint lacks."),
+    vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt to copy beside the artifacts."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset (17+: native LayerNormalization)."),
+):
+    """Export one task head to ONNX (fp32, optionally a strongly typed fp16) and record it in the manifest."""
+    import warnings
+
+    from mbexport.export import export
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        manifest = export(src, task, out, precisions=_names(precision), init_missing_head=init_missing_head,
+                          vocab=vocab, opset=opset)
+    for warning in caught:
+        err_console.print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False, soft_wrap=True)
+    for artifact in manifest.artifacts:
+        console.print(f"{artifact.kind:8} {artifact.precision:5} {artifact.path}  {artifact.sha256[:12]}",
+                      highlight=False)
+# ---- end export / validate -------------------------------------------------------------------------------------
+
+
 # ---- bench ---------------------------------------------------------------------------------------------------
 def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
     if text is None:
@@ -85,6 +182,61 @@ def bench(
     if any(row["status"] == "failed" for row in report["results"]):
         raise typer.Exit(1)
 # ---- end bench -----------------------------------------------------------------------------------------------
+
+
+# ---- deploy: triton / run (helper-5) ---------------------------------------------------------------------------
+@app.command("triton")
+def triton_command(
+    artifacts: str = typer.Argument(..., help="Output folder of export/build (has manifest.json)."),
+    repo: str = typer.Option(..., "--repo", help="Model repository folder to write (replaced atomically)."),
+    task: list[str] | None = typer.Option(None, "--task", help="Heads to deploy (repeatable; default: all built)."),
+    precision: list[str] | None = typer.Option(None, "--precision", help="Precisions to deploy (repeatable)."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="max_batch_size (default: the engine profile's "
+                                                                   "max batch; 32 for ONNX models)."),
+    instances: int = typer.Option(1, "--instances", help="Model instances per GPU (and per CPU for Python models)."),
+    vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt (default: the one in ARTIFACTS)."),
+):
+    """Write a Triton model repository: engines (or ONNX), plus a text-in ensemble per head."""
+    from mbexport.deploy.triton import write_repository
+
+    names = write_repository(artifacts, repo, tasks=task, precisions=precision, max_batch=max_batch,
+                             instances=instances, vocab=vocab)
+    console.print(f"{repo}: {len(names)} models: {', '.join(names)}", highlight=False, soft_wrap=True)
+    console.print(f"serve it with: tritonserver --model-repository {repo}", highlight=False, soft_wrap=True)
+
+
+@app.command("run")
+def run_command(
+    artifacts: str = typer.Argument(..., help="Output folder of export/build (has manifest.json)."),
+    task: str = typer.Option(..., "--task", help="Head: qa, seq-cls, nsp, mlm, ner (or the canonical names)."),
+    question: str | None = typer.Option(None, "--question", help="Question (qa)."),
+    context: str | None = typer.Option(None, "--context", help="Passage holding the answer (qa)."),
+    text: str | None = typer.Option(None, "--text", help="Input text (seq-cls, nsp, mlm with [MASK], ner)."),
+    text_pair: str | None = typer.Option(None, "--text-pair", help="Second text (seq-cls pairs, nsp)."),
+    backend: str = typer.Option("auto", "--backend", help="auto (TensorRT, else ONNX Runtime, else PyTorch), "
+                                                          "tensorrt, onnxruntime or pytorch."),
+    precision: str | None = typer.Option(None, "--precision", help="Artifact precision (default: the backend's "
+                                                                   "preferred built one)."),
+    top_k: int = typer.Option(5, "--top-k", help="Candidates per [MASK] (mlm)."),
+    vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt (default: the one in ARTIFACTS)."),
+    device: str = typer.Option("cpu", "--device", help="ONNX Runtime device: cpu, cuda or auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole answer as JSON."),
+):
+    """Answer from text: tokenize, run the best available backend, postprocess (Triton's ensemble, locally)."""
+    import json
+
+    from mbexport.deploy.pipeline import summary
+    from mbexport.deploy.run import answer
+
+    fields = {"question": question, "context": context, "text": text, "text_pair": text_pair}
+    result = answer(artifacts, task, {k: v for k, v in fields.items() if v is not None}, backend=backend,
+                    precision=precision, vocab=vocab, top_k=top_k, device=device)
+    if as_json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        console.print(f"{summary(result)}  [{result['backend']}, {result['precision']}]", highlight=False,
+                      soft_wrap=True, markup=False)
+# ---- end deploy ------------------------------------------------------------------------------------------------
 
 
 # ---- build / recipes (helper-4) --------------------------------------------------------------------------------

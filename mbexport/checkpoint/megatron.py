@@ -159,7 +159,8 @@ def merge_shards(shards: list[Shard], heads: int) -> dict[str, torch.Tensor]:
     layout = "nsd" if shards[0].mcore else qkv_layout(shards[0].version)
     ranks = [_join_stages([s for s in shards if s.tp == t], pp) for t in range(tp)]
     if heads % tp:
-        raise CheckpointError(f"{heads} attention heads cannot be split over {tp} tensor-parallel ranks", shards[0].file)
+        raise CheckpointError(f"{heads} attention heads cannot be split over {tp} tensor-parallel ranks "
+                              "(set the head count with --num-heads)", shards[0].file)
     shards.clear()
     return _merge_ranks(ranks, heads, layout)
 

@@ -60,7 +60,7 @@ def torch_load(source: Path | BinaryIO, path: Path, *, mmap: bool = False):
         except CheckpointError:
             raise
         except Exception as error:  # torch and zipfile report damaged data with many exception types
-            raise CheckpointError(f"cannot read checkpoint: {_reason(str(error)) or type(error).__name__}",
+            raise CheckpointError(f"cannot read checkpoint (truncated or corrupt?): {_reason(str(error)) or type(error).__name__}",
                                   path) from None
 
 

@@ -1,0 +1,95 @@
+"""``mbexport export``: a checkpoint and a task to ONNX files in an output folder, listed in its manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import warnings
+from pathlib import Path
+
+from mbexport.checkpoint import Checkpoint, load_checkpoint
+from mbexport.errors import MbexportError
+from mbexport.export.fp16 import convert_fp16
+from mbexport.export.fp32 import export_onnx
+from mbexport.export.onnxfile import external_data_name
+from mbexport.fsutil import atomic_file, sha256_file
+from mbexport.manifest import MANIFEST, Manifest
+from mbexport.model import build_reference
+from mbexport.tasks import Task, get_task
+
+PRECISIONS = ("fp32", "fp16")  # what export writes; int8 and fp8 come from the quantize stage
+SEEDED_HEAD = "seeded-head.safetensors"
+VOCAB = "vocab.txt"
+
+
+def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisions=("fp32",),
+           init_missing_head: int | None = None, vocab: str | Path | None = None, opset: int = 17) -> Manifest:
+    """Write ``out_dir/<task>/model.<precision>.onnx`` for each precision and record them in the manifest.
+
+    fp16 is converted from the fp32 file, so fp32 is always written too. A folder that already holds
+    another checkpoint's artifacts is refused rather than mixed.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise MbexportError(f"export writes {' and '.join(PRECISIONS)}, not '{unknown[0]}' (int8/fp8: "
+                            "quantize the fp32 export)")
+    if vocab is not None and not Path(vocab).is_file():
+        raise MbexportError("vocab file not found", vocab)
+    checkpoint = load_checkpoint(source)
+    out_dir = Path(out_dir)
+    manifest = _open_manifest(out_dir, checkpoint)
+    model, seeded = build_reference(task, checkpoint.config, checkpoint.state_dict,
+                                    init_missing_head=init_missing_head, source=source)
+    folder = out_dir / task.name
+    manifest.artifacts = [a for a in manifest.artifacts if not (a.task == task.name and a.kind == "weights")]
+    if seeded:
+        warnings.warn(f"{task.name}: the checkpoint has no {', '.join(seeded)}; they are random "
+                      f"(seed {init_missing_head}) and saved in {task.name}/{SEEDED_HEAD}", stacklevel=2)
+        from safetensors.torch import save_file
+
+        params = dict(model.named_parameters())
+        with atomic_file(folder / SEEDED_HEAD) as tmp:
+            save_file({name: params[name].detach().contiguous() for name in seeded}, str(tmp))
+        manifest.record(task, "fp32", "weights", folder / SEEDED_HEAD, seed=init_missing_head, tensors=seeded)
+    if vocab is not None:
+        with atomic_file(out_dir / VOCAB) as tmp:
+            shutil.copyfile(vocab, tmp)
+        manifest.record(task, "-", "vocab", out_dir / VOCAB)
+
+    fp32 = export_onnx(model, folder / "model.fp32.onnx", opset=opset)
+    _record_onnx(manifest, task, "fp32", fp32, opset=opset)
+    if "fp16" in precisions:
+        _record_onnx(manifest, task, "fp16", convert_fp16(fp32, folder / "model.fp16.onnx"), opset=opset,
+                     converted_from=fp32.name)
+    manifest.save()
+    return manifest
+
+
+def source_sha256(path: str | Path) -> str:
+    """A file's sha256, or for a folder the sha256 of its files' relative paths and hashes."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{sha256_file(file)}  {file.relative_to(path).as_posix()}\n".encode())
+    return digest.hexdigest()
+
+
+def _open_manifest(out_dir: Path, checkpoint: Checkpoint) -> Manifest:
+    source = {"path": str(Path(checkpoint.path).resolve()), "format": checkpoint.format,
+              "sha256": source_sha256(checkpoint.path)}
+    manifest = Manifest.load(out_dir) if (out_dir / MANIFEST).is_file() else Manifest(out_dir)
+    if manifest.source and manifest.source.get("sha256") != source["sha256"]:
+        raise MbexportError(f"already holds artifacts of another checkpoint ({manifest.source.get('path')}); "
+                            "export into a new folder", out_dir)
+    manifest.source, manifest.config = source, checkpoint.config.to_hf_dict()
+    return manifest
+
+
+def _record_onnx(manifest: Manifest, task: Task, precision: str, path: Path, **details) -> None:
+    data = path.parent / external_data_name(path)
+    if data.is_file():
+        details["external_data"] = {"path": data.name, "sha256": sha256_file(data)}
+    manifest.record(task, precision, "onnx", path, **details)
