@@ -1,0 +1,113 @@
+"""``mbexport run``: text in, answer out, locally: the twin of the Triton ensemble.
+
+Tokenize with the artifacts' vocab, run one artifact on the best backend available here (a TensorRT engine,
+else ONNX Runtime, else the PyTorch reference), and postprocess with the same code Triton's Python models use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from mbexport.deploy.pipeline import TextPipeline
+from mbexport.engine import tensorrt_available, trt_runner
+from mbexport.errors import MbexportError
+from mbexport.manifest import Artifact, Manifest
+from mbexport.model.config import MegatronBertConfig
+from mbexport.runtime import ort_session
+from mbexport.tasks import Task, get_task
+
+BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
+# Which precision a backend prefers when several were built: fp16 is TensorRT's usual pick; on the CPU fp32
+# is both the fastest and the exact one.
+PREFERENCE = {"tensorrt": ("fp16", "fp8", "int8", "fp32"), "onnxruntime": ("fp32", "fp16", "int8", "fp8")}
+
+Infer = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backend: str = "auto",
+           precision: str | None = None, vocab: str | Path | None = None, top_k: int = 5, device: str = "cpu") -> dict:
+    """The answer for one example, plus which backend and artifact produced it."""
+    manifest = Manifest.load(artifacts)
+    task = get_task(task)
+    infer, used, artifact = _backend(manifest, task, backend, precision, device)
+    config = MegatronBertConfig.from_hf_dict(manifest.config)
+    # An engine only accepts sequences inside its profiles: pad to the longest one, as Triton's tokenizer does.
+    max_length = _profile_max(artifact, "sequence") if used == "tensorrt" else min(512, config.max_position_embeddings)
+    pipeline = TextPipeline.for_artifacts(manifest, task, vocab=vocab, max_length=max_length, top_k=top_k)
+    feed = pipeline.encode({field: [text] for field, text in texts.items()}, pad_to_max=used == "tensorrt")
+    outputs = infer(feed)
+    result = pipeline.answers(feed, outputs)[0]
+    return {"task": task.name, "backend": used, "precision": artifact.precision if artifact else "fp32",
+            "artifact": artifact.path if artifact else None, **result}
+
+
+def _backend(manifest: Manifest, task: Task, backend: str, precision: str | None, device: str
+             ) -> tuple[Infer, str, Artifact | None]:
+    if backend not in ("auto", *BACKENDS):
+        raise MbexportError(f"unknown backend '{backend}' (choose auto, {', '.join(BACKENDS)})")
+    candidates = BACKENDS if backend == "auto" else (backend,)
+    reasons = []
+    for name in candidates:
+        if name == "pytorch":
+            from mbexport.validate import load_reference  # a later import: validate pulls in every stage
+
+            model = load_reference(manifest, task)
+            return _torch_infer(model, task), name, None
+        kind = "engine" if name == "tensorrt" else "onnx"
+        if name == "tensorrt" and not tensorrt_available():
+            reasons.append("TensorRT is not installed")
+            continue
+        found = _pick(manifest, task, kind, precision, PREFERENCE[name])
+        if found is None:
+            reasons.append(f"no {precision or ''} {kind} for {task.name}".replace("  ", " "))
+            continue
+        problem = manifest.verify(found)
+        if problem:
+            raise MbexportError(problem, manifest.root)
+        path = manifest.path_of(found)
+        infer = _trt_infer(path) if name == "tensorrt" else _ort_infer(path, task, device)
+        return infer, name, found
+    raise MbexportError(f"no backend can run '{task.name}' ({'; '.join(reasons)})", manifest.root)
+
+
+def _pick(manifest: Manifest, task: Task, kind: str, precision: str | None, order: tuple[str, ...]
+          ) -> Artifact | None:
+    found = {a.precision: a for a in manifest.find(task=task.name, kind=kind)}
+    if precision is not None:
+        return found.get(precision)
+    return next((found[p] for p in order if p in found), None)
+
+
+def _profile_max(artifact: Artifact, dim: str) -> int:
+    """The largest size of ``dim`` any of the engine's optimization profiles accepts."""
+    return max(profile[dim][2] for profile in artifact.details["profiles"])
+
+
+def _ort_infer(path: Path, task: Task, device: str) -> Infer:
+    session = ort_session(path, device)
+
+    def infer(feed):
+        return dict(zip(task.output_names, session.run(task.output_names, feed)))
+    return infer
+
+
+def _trt_infer(path: Path) -> Infer:
+    runner = trt_runner(path)
+
+    def infer(feed):
+        with runner:
+            return {name: np.asarray(value) for name, value in runner.infer(feed).items()}
+    return infer
+
+
+def _torch_infer(model, task: Task) -> Infer:
+    import torch
+
+    def infer(feed):
+        with torch.no_grad():
+            outputs = model(*(torch.from_numpy(feed[name]) for name in task.input_names))
+        return {name: out.float().numpy() for name, out in zip(task.output_names, outputs)}
+    return infer
