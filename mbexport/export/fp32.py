@@ -22,6 +22,7 @@ from mbexport.inputs import sample_batch
 from mbexport.model import MegatronBert
 
 # Example sizes for tracing: distinct and > 1, so torch.export neither specializes nor ties any dim.
+NATIVE_OPSET = 18  # what torch's exporter writes without a version conversion
 EXAMPLE = {"batch": 2, "num_choices": 3, "sequence": 7}
 
 
@@ -40,11 +41,40 @@ def export_onnx(model: MegatronBert, out_path: str | Path, *, opset: int = 17) -
         with checked_onnx(out_path) as staged, _quiet():
             program = torch.onnx.export(model.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes,
                                         input_names=task.input_names, output_names=task.output_names,
-                                        opset_version=opset, verbose=False)
+                                        opset_version=max(opset, NATIVE_OPSET), verbose=False)
+            _retarget(program.model, opset)
             onnx_ir.save(program.model, staged, external_data=external_data_name(staged) if external else None)
     finally:
         model.explicit_attention = explicit
     return Path(out_path)
+
+
+def _retarget(model: onnx_ir.Model, opset: int) -> None:
+    """Lower the default-domain opset to ``opset``.
+
+    When every op in the graph has the same definition at both versions (true for this model at 17, which
+    differs from 18 only in ops such as Split and ReduceMean), relabelling is exact and copies no weights;
+    otherwise the ONNX version converter runs, which serializes the whole model once.
+    """
+    import onnx.defs
+
+    current = model.opset_imports.get("", opset)
+    if opset >= current:
+        return
+
+    def same(node) -> bool:
+        try:
+            return (onnx.defs.get_schema(node.op_type, opset, node.domain).since_version
+                    == onnx.defs.get_schema(node.op_type, current, node.domain).since_version)
+        except onnx.defs.SchemaError:
+            return False
+
+    if all(same(node) for node in model.graph.all_nodes() if node.domain in ("", "ai.onnx")):
+        model.opset_imports[""] = opset
+    else:
+        from onnxscript import version_converter
+
+        version_converter.convert_version(model, opset, fallback=True)
 
 
 @contextlib.contextmanager
