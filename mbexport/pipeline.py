@@ -1,0 +1,170 @@
+"""``mbexport build``: checkpoint -> reference -> fp32 ONNX -> precision -> TensorRT engine -> validation.
+
+Every stage's output is cached by content: its manifest entry records a key, the sha256 of everything the
+stage read (the checkpoint's or upstream artifact's sha256, the stage's parameters, mbexport's version). A
+stage is skipped when the recorded key matches and the file still hashes to its recorded sha256, so a re-run
+with nothing changed does no work and a changed parameter redoes only the stages downstream of it. Files are
+written atomically and recorded only once complete, so an interrupted build leaves nothing a later run trusts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mbexport
+from mbexport import engine
+from mbexport.errors import CheckpointError, MbexportError
+from mbexport.export import convert_fp16, export, source_sha256
+from mbexport.fsutil import sha256_file, write_json_atomic
+from mbexport.manifest import Artifact, Manifest
+from mbexport.model import MegatronBertConfig
+from mbexport.quantize import calibration_batches, quantize_onnx
+from mbexport.recipes import Recipe
+from mbexport.tasks import Task, get_task
+from mbexport.validate import validate
+
+OPSET = 17
+VALIDATION_CACHE = ".validation-key.json"  # the key of the artifacts validation.json was computed from
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    target: str
+    steps: list[tuple[str, str]] = field(default_factory=list)  # (stage, "built in 1.2 s" | "cached")
+    report: object = None  # validate's Report, None when validation was cached
+
+    @property
+    def built(self) -> list[str]:
+        return [stage for stage, status in self.steps if status != "cached"]
+
+
+def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = None, vocab: str | Path | None = None,
+          init_missing_head: int | None = None, device: str = "cpu",
+          log: Callable[[str], None] = lambda line: None) -> BuildResult:
+    """Run the pipeline for ``recipe`` on the checkpoint at ``source``; only stale stages do work."""
+    source = Path(source).resolve()
+    if not source.exists():
+        raise CheckpointError("no such file or directory", source)
+    task = get_task(recipe.task)
+    target = recipe.target or ("engine" if engine.tensorrt_available() else "onnx")
+    if target == "engine":
+        engine.require_tensorrt()  # fail before any work, not after the export
+    out_dir = Path(out_dir or recipe.out.format(checkpoint=source.stem if source.is_file() else source.name))
+    run = _Run(Manifest.load(out_dir) if (out_dir / "manifest.json").is_file() else Manifest(out_dir),
+               BuildResult(out_dir, target), log)
+    if vocab is None and (out_dir / "vocab.txt").is_file():
+        vocab = out_dir / "vocab.txt"  # copied by an earlier build: same key, no re-export
+    elif vocab is not None and not Path(vocab).is_file():
+        raise MbexportError("vocab file not found", vocab)
+    text = recipe.calibration.text if recipe.precision in ("int8", "fp8") else None
+    if text is not None and not Path(text).is_file():
+        raise MbexportError("calibration text file not found", text)
+    if text is not None and vocab is None:
+        raise MbexportError("calibration text needs --vocab to tokenize it", text)
+
+    def make_fp32(path: Path) -> dict:
+        run.manifest = export(source, task, out_dir, init_missing_head=init_missing_head, vocab=vocab, opset=OPSET)
+        return run.manifest.find(task.name, "fp32", "onnx")[0].details
+
+    fp32 = run.stage(f"export {task.name} fp32", task, "fp32", "onnx",
+                     _key("export", source_sha256(source), task.name, OPSET, init_missing_head,
+                          sha256_file(vocab) if vocab else None), make_fp32)
+    config = MegatronBertConfig.from_hf_dict(run.manifest.config)
+    onnx = fp32 if recipe.precision == "fp32" else _precision(run, task, config, fp32, recipe, vocab)
+    if target == "engine":
+        _engine(run, task, config, onnx, recipe)
+    _validate(run, recipe, device)
+    return run.result
+
+
+def _key(*parts) -> str:
+    text = json.dumps([mbexport.__version__, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Run:
+    """One build's manifest and log; ``stage`` is the cache check around every artifact."""
+
+    def __init__(self, manifest: Manifest, result: BuildResult, log: Callable[[str], None]):
+        self.manifest, self.result, self.log = manifest, result, log
+
+    def stage(self, name: str, task: Task, precision: str, kind: str, key: str,
+              make: Callable[[Path], dict]) -> Artifact:
+        path = self.manifest.root / task.name / f"model.{precision}.{'plan' if kind == 'engine' else 'onnx'}"
+        for artifact in self.manifest.find(task.name, precision, kind):
+            if artifact.details.get("cache_key") == key and self.manifest.verify(artifact) is None:
+                self.note(name, "cached")
+                return artifact
+        start = time.perf_counter()
+        details = make(path)  # writes ``path`` atomically
+        artifact = self.manifest.record(task, precision, kind, path, **details, cache_key=key)
+        self.manifest.save()
+        self.note(name, f"built in {time.perf_counter() - start:.1f} s")
+        return artifact
+
+    def note(self, name: str, status: str) -> None:
+        self.result.steps.append((name, status))
+        self.log(f"{name}: {status}")
+
+
+def _precision(run: _Run, task: Task, config: MegatronBertConfig, fp32: Artifact, recipe: Recipe,
+               vocab: Path | None) -> Artifact:
+    fp32_path = run.manifest.path_of(fp32)
+    if recipe.precision == "fp16":
+        def make_fp16(path: Path) -> dict:
+            convert_fp16(fp32_path, path)
+            return {}
+
+        return run.stage(f"convert {task.name} fp16", task, "fp16", "onnx", _key("fp16", fp32.sha256), make_fp16)
+    calib = recipe.calibration
+    inputs = (sha256_file(calib.text), sha256_file(vocab)) if calib.text is not None else None
+    key = _key("quantize", recipe.precision, fp32.sha256, inputs, calib.size, calib.method, calib.sequence)
+
+    def make(path: Path) -> dict:
+        if calib.text is None:
+            run.log(f"warning: no --calib-text: calibrating {recipe.precision} on seeded random token ids; "
+                    "accuracy figures will not represent real text")
+        batches = calibration_batches(task, config, text=calib.text, vocab=vocab, size=calib.size,
+                                      sequence=calib.sequence)
+        quantize_onnx(fp32_path, path, mode=recipe.precision, calibration=batches, method=calib.method)
+        return {"calibration": {"text": str(calib.text) if calib.text else None, "size": calib.size,
+                                "method": calib.method, "sequence": calib.sequence}}
+
+    return run.stage(f"quantize {task.name} {recipe.precision}", task, recipe.precision, "onnx", key, make)
+
+
+def _engine(run: _Run, task: Task, config: MegatronBertConfig, onnx: Artifact, recipe: Recipe) -> Artifact:
+    profiles = recipe.profiles or engine.default_profiles(config.max_position_embeddings)
+    engine.check_profiles(profiles, task, max_positions=config.max_position_embeddings, source=recipe.path)
+    settings = recipe.engine
+    if settings.timing_cache:
+        settings = dataclasses.replace(settings, timing_cache=str(run.manifest.root / settings.timing_cache))
+    key = _key("engine", onnx.sha256, [p.as_dict(task) for p in profiles], settings.builder_optimization_level,
+               settings.workspace_mib, engine.environment())
+    return run.stage(f"engine {task.name} {onnx.precision}", task, onnx.precision, "engine", key,
+                     lambda path: engine.build_engine(run.manifest.path_of(onnx), path, task, profiles,
+                                                      precision=onnx.precision, settings=settings,
+                                                      root=run.manifest.root))
+
+
+def _validate(run: _Run, recipe: Recipe, device: str) -> None:
+    """Validate every artifact in the folder, unless validation.json already covers exactly these files."""
+    root = run.manifest.root
+    key = _key("validate", sorted((a.path, a.sha256) for a in run.manifest.artifacts), recipe.tolerances, device)
+    cache, report = root / VALIDATION_CACHE, root / "validation.json"
+    if cache.is_file() and report.is_file():
+        recorded = json.loads(cache.read_text())
+        if recorded.get("key") == key and recorded.get("sha256") == sha256_file(report):
+            run.note("validate", "cached")
+            return
+    start = time.perf_counter()
+    run.result.report = validate(root, device=device, tolerances=recipe.tolerances or None)
+    write_json_atomic(cache, {"key": key, "sha256": sha256_file(report)})
+    run.note("validate", f"done in {time.perf_counter() - start:.1f} s")
