@@ -171,6 +171,9 @@ def _targets(backend: str, manifest: Manifest, task: Task, has_gpu: bool):
         return True
 
     if backend == "torch":
+        source = manifest.source.get("path")
+        if not source or not Path(source).exists():
+            raise _Unavailable(f"the source checkpoint is not at {source}, so there is no reference to time")
         device = "cuda" if has_gpu and _torch_cuda() else "cpu"
         precisions = ("fp32", "fp16") if device == "cuda" else ("fp32",)  # fp16 matmuls on a CPU are no target
         return [("reference", p, device, _torch_opener(manifest, task, device, p), always) for p in precisions]
