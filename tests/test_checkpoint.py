@@ -1,6 +1,7 @@
 """Every checkpoint layout reads back bit-exactly and converts to a folder transformers loads and matches."""
 
 import json
+import zipfile
 
 import pytest
 import torch
@@ -13,6 +14,11 @@ from mbexport.checkpoint.synthetic import make_example, write_megatron, write_ng
 # (id, writer(tmp, state_dict, config) -> path, pass --num-heads, expected format, TP, PP)
 LAYOUTS = [
     ("ngc-old-no-args", lambda d, s, c: write_ngc_zip(d / "ngc.zip", s, c), True, "ngc-zip", 1, 1),
+    ("ngc-old-stored", lambda d, s, c: write_ngc_zip(d / "ngc.zip", s, c, args=True, compression=zipfile.ZIP_STORED),
+     False, "ngc-zip", 1, 1),
+    ("ngc-new-stored-v3", lambda d, s, c: write_ngc_zip(d / "ngc.zip", s, c, args=True, version=3.0,
+                                                        old_serialization=False, compression=zipfile.ZIP_STORED),
+     False, "ngc-zip", 1, 1),
     ("ngc-new-args-v3", lambda d, s, c: write_ngc_zip(d / "ngc.zip", s, c, args=True, version=3.0,
                                                       old_serialization=False), False, "ngc-zip", 1, 1),
     ("v0-2020", lambda d, s, c: write_megatron(d, s, c, version=None), False, "megatron-lm", 1, 1),

@@ -7,7 +7,9 @@ by ``checkpoint_version``'s row layout. Tensors stay views of what was loaded wh
 
 from __future__ import annotations
 
+import io
 import re
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -70,10 +72,55 @@ class Files:
         if not self.archive:
             return load_file(self.path / name)
         try:
-            with self.archive.open(name) as member:  # seekable: torch reads the member without extracting it
-                return torch_load(member, self.display(name))
+            info = self.archive.getinfo(name)
         except KeyError:
             raise CheckpointError("missing member", self.display(name)) from None
+        stored = info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1
+        # A stored member is read straight from the archive; others through zipfile (seekable, but slower).
+        with (io.BufferedReader(StoredMember(self.path, info), 1 << 20) if stored else self.archive.open(name)) as f:
+            return torch_load(f, self.display(name))
+
+
+class StoredMember(io.RawIOBase):
+    """An uncompressed zip member as a seekable file: reads go from the archive into torch's storages."""
+
+    def __init__(self, archive: Path, info: zipfile.ZipInfo):
+        super().__init__()
+        self._file = open(archive, "rb", buffering=0)
+        self._file.seek(info.header_offset)
+        header = self._file.read(30)  # local file header: its name and extra lengths can differ from the index
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            self._file.close()
+            raise CheckpointError(f"corrupt zip: bad local header for {info.filename}", archive)
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        self._start = info.header_offset + 30 + name_length + extra_length
+        self._size = info.file_size
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = max(0, min(len(buffer), self._size - self._position))
+        self._file.seek(self._start + self._position)
+        read = self._file.readinto(memoryview(buffer).cast("B")[:count]) if count else 0
+        self._position += read
+        return read
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 @dataclass
