@@ -1,0 +1,246 @@
+"""``mbexport triton``: a Triton model repository that starts as is, with text in and answers out.
+
+For each built head and precision ``<task>-<precision>`` it writes the inference model (the TensorRT engine,
+or the ONNX file when no engine was built) and, for heads with a text pipeline, a Python tokenizer, a Python
+postprocessor and an ensemble ``<task>-<precision>-text`` wiring the three. Names, dtypes and ranks come
+from the artifact itself (the ONNX graph's IO) and the task registry; batch and sequence limits from the
+engine's optimization profiles. The whole repository is written in a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from mbexport.deploy.pipeline import TEXT_TASKS, TextPipeline
+from mbexport.errors import MbexportError
+from mbexport.export.onnxfile import external_data_name
+from mbexport.fsutil import atomic_dir
+from mbexport.inputs import sample_batch
+from mbexport.manifest import Artifact, Manifest
+from mbexport.model.config import MegatronBertConfig
+from mbexport.tasks import Task, get_task
+
+MODEL_PY = Path(__file__).with_name("triton_model.py")  # not imported here: it needs Triton's pb_utils
+MARKER = ".mbexport-triton.json"  # says a folder is ours to replace
+DEFAULT_MAX_BATCH = 32  # ONNX models have no profile to take it from; the default engine profile's max
+DEFAULT_SEQUENCE = 384  # likewise: the default engine profile's max sequence (SQuAD's usual length)
+QUEUE_DELAY_US = 100
+TRITON_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
+                "bfloat16": "TYPE_BF16", "bool": "TYPE_BOOL", "string": "TYPE_STRING"}
+ANSWER = "answer"  # the ensemble's output: one JSON document per row, as `mbexport run --json` prints
+
+
+class Enum(str):
+    """A protobuf enum value: written bare in text format."""
+
+
+def write_repository(artifacts: str | Path, repo: str | Path, *, tasks: list[str] | None = None,
+                     precisions: list[str] | None = None, max_batch: int | None = None, instances: int = 1,
+                     vocab: str | Path | None = None) -> list[str]:
+    """Write (or replace) the model repository ``repo``; returns the model names in it."""
+    manifest = Manifest.load(artifacts)
+    repo = Path(repo)
+    if repo.exists() and any(repo.iterdir()) and not (repo / MARKER).is_file():
+        raise MbexportError("exists and was not written by mbexport triton; choose an empty or new folder", repo)
+    if instances < 1 or (max_batch is not None and max_batch < 1):
+        raise MbexportError("--instances and --max-batch must be at least 1")
+    heads = _heads(manifest, tasks, precisions)
+    config = MegatronBertConfig.from_hf_dict(manifest.config)
+    names: list[str] = []
+    with atomic_dir(repo) as tmp:
+        for task, artifact in heads:
+            problem = manifest.verify(artifact)
+            if problem:
+                raise MbexportError(problem, manifest.root)
+            head = _Head(manifest, config, task, artifact, max_batch, instances)
+            pipeline = (TextPipeline.for_artifacts(manifest, task, vocab=vocab, max_length=head.sequence)
+                        if task.name in TEXT_TASKS else None)
+            names += head.write(tmp, pipeline)
+        (tmp / MARKER).write_text(json.dumps({"artifacts": str(manifest.root.resolve()), "models": names}, indent=2))
+    return names
+
+
+def _heads(manifest: Manifest, tasks: list[str] | None, precisions: list[str] | None) -> list[tuple[Task, Artifact]]:
+    """One (task, artifact) per built head and precision: the engine when there is one, else the ONNX file."""
+    wanted = {get_task(t).name for t in tasks} if tasks else None
+    chosen: dict[tuple[str, str], Artifact] = {}
+    for kind in ("onnx", "engine"):  # engines replace ONNX files of the same head and precision
+        for artifact in manifest.find(kind=kind):
+            if (wanted is None or artifact.task in wanted) and (not precisions or artifact.precision in precisions):
+                chosen[(artifact.task, artifact.precision)] = artifact
+    if not chosen:
+        raise MbexportError("no ONNX model or engine matches --task/--precision; run mbexport export or build "
+                            "first", manifest.root)
+    return [(get_task(task), chosen[(task, precision)]) for task, precision in sorted(chosen)]
+
+
+class _Head:
+    """The models of one head and precision: inference, and the text ensemble when the head has one."""
+
+    def __init__(self, manifest: Manifest, config: MegatronBertConfig, task: Task, artifact: Artifact,
+                 max_batch: int | None, instances: int):
+        self.manifest, self.config, self.task, self.artifact = manifest, config, task, artifact
+        self.name = f"{task.name}-{artifact.precision}"
+        self.instances = instances
+        self.engine = artifact.kind == "engine"
+        self.dtypes = self._dtypes()
+        profiles = (artifact.details.get("profiles") or []) if self.engine else []
+        if self.engine and not profiles:
+            raise MbexportError(f"{artifact.path}: the manifest records no optimization profiles", manifest.root)
+        limit = min(p["batch"][2] for p in profiles) if profiles else None
+        if limit is not None and max_batch is not None and max_batch > limit:
+            raise MbexportError(f"--max-batch {max_batch} exceeds the engine's profile max batch {limit}",
+                                manifest.path_of(artifact))
+        self.max_batch = max_batch or limit or DEFAULT_MAX_BATCH
+        opt_batch = min(p["batch"][1] for p in profiles) if profiles else max(1, self.max_batch // 4)
+        self.preferred = sorted({min(opt_batch, self.max_batch), self.max_batch})
+        self.profiles = len(profiles)
+        # Every request is padded to one length, so the dynamic batcher can stack requests of any text length.
+        self.sequence = (max(p["sequence"][2] for p in profiles) if profiles
+                         else min(DEFAULT_SEQUENCE, config.max_position_embeddings))
+        self.choices = max(p["num_choices"][1] for p in profiles) if profiles and task.has_choices else 2
+
+    def write(self, repo: Path, pipeline: TextPipeline | None) -> list[str]:
+        self._write_inference(repo / self.name, pipeline.vocab if pipeline else None)
+        if pipeline is None:
+            return [self.name]
+        spec = pipeline.spec
+        inputs = [_tensor(f, "string", [1]) for f in spec.fields]
+        encoded = [_tensor(s.name, self.dtypes[s.name], self._dims(s)) for s in self.task.inputs]
+        outputs = [_tensor(s.name, self.dtypes[s.name], self._dims(s)) for s in self.task.outputs]
+        needed = [t for t in encoded if t["name"] in spec.needs]
+        answer = [_tensor(ANSWER, "string", [1])]
+        tokenizer, postprocess, ensemble = (f"{self.name}-{suffix}" for suffix in ("tokenizer", "postprocess", "text"))
+        self._write_python(repo / tokenizer, "tokenizer", inputs, encoded, pipeline)
+        self._write_python(repo / postprocess, "postprocess", outputs + needed, answer, pipeline)
+        steps = [(tokenizer, inputs, encoded), (self.name, encoded, outputs), (postprocess, outputs + needed, answer)]
+        _write_config(repo / ensemble, {
+            "name": ensemble, "platform": "ensemble", "max_batch_size": self.max_batch,
+            "input": inputs, "output": answer,
+            "ensemble_scheduling": {"step": [
+                {"model_name": model, "model_version": -1,
+                 "input_map": [{"key": t["name"], "value": t["name"]} for t in ins],
+                 "output_map": [{"key": t["name"], "value": t["name"]} for t in outs]}
+                for model, ins, outs in steps]},
+        })
+        (repo / ensemble / "1").mkdir()  # Triton wants a version folder even for an ensemble
+        return [self.name, tokenizer, postprocess, ensemble]
+
+    def _write_inference(self, folder: Path, vocab: Path | None) -> None:
+        source = self.manifest.path_of(self.artifact)
+        (folder / "1").mkdir(parents=True)
+        shutil.copyfile(source, folder / "1" / ("model.plan" if self.engine else "model.onnx"))
+        data = source.parent / external_data_name(source)
+        if not self.engine and data.is_file():  # the graph refers to its data file by this name
+            shutil.copyfile(data, folder / "1" / data.name)
+        inputs = [_tensor(s.name, self.dtypes[s.name], self._dims(s)) for s in self.task.inputs]
+        warmup = self._write_warmup(folder / "warmup", vocab)
+        group = {"count": self.instances, "kind": Enum("KIND_GPU")}
+        if self.profiles > 1:  # otherwise Triton uses only the first profile
+            group["profile"] = [str(i) for i in range(self.profiles)]
+        _write_config(folder, {
+            "name": self.name, "platform": "tensorrt_plan" if self.engine else "onnxruntime_onnx",
+            "max_batch_size": self.max_batch,
+            "input": inputs,
+            "output": [_tensor(s.name, self.dtypes[s.name], self._dims(s)) for s in self.task.outputs],
+            "instance_group": [group],
+            "dynamic_batching": {"preferred_batch_size": self.preferred,
+                                 "max_queue_delay_microseconds": QUEUE_DELAY_US},
+            "model_warmup": [
+                {"name": f"{self.name}-batch-{batch}", "batch_size": batch,
+                 "inputs": [{"key": t["name"], "value": {"data_type": t["data_type"], "dims": list(shape),
+                                                          "input_data_file": file}}
+                            for t, (file, shape) in zip(inputs, warmup)]}
+                for batch in sorted({1, self.max_batch})],
+        })
+
+    def _write_warmup(self, folder: Path, vocab: Path | None) -> list[tuple[str, tuple[int, ...]]]:
+        """One realistic example row per input as raw row-major bytes (Triton repeats it to the batch size)."""
+        folder.mkdir()
+        feed = sample_batch(self.task, self.config, 1, self.sequence, num_choices=self.choices, vocab=vocab)
+        files = []
+        for spec in self.task.inputs:
+            row = feed[spec.name][0].astype(self.dtypes[spec.name])
+            (folder / spec.name).write_bytes(row.tobytes())
+            files.append((spec.name, row.shape))
+        return files
+
+    def _write_python(self, folder: Path, role: str, inputs: list[dict], outputs: list[dict],
+                      pipeline: TextPipeline) -> None:
+        (folder / "1").mkdir(parents=True)
+        shutil.copyfile(MODEL_PY, folder / "1" / "model.py")
+        pipeline.save(folder / "1")
+        _write_config(folder, {
+            "name": folder.name, "backend": "python", "max_batch_size": self.max_batch,
+            "input": inputs, "output": outputs,
+            "instance_group": [{"count": self.instances, "kind": Enum("KIND_CPU")}],
+            "parameters": [{"key": "role", "value": {"string_value": role}}],
+        })
+
+    def _dims(self, spec) -> list[int]:
+        """Triton dims: the registry's shape without the batch dim (max_batch_size > 0), -1 where dynamic."""
+        return list(spec.shape(self.config))[1:]
+
+    def _dtypes(self) -> dict[str, str]:
+        """IO dtypes as the model really has them: from the ONNX graph (an engine's own ONNX), else the registry."""
+        onnx_artifacts = self.manifest.find(task=self.task.name, precision=self.artifact.precision, kind="onnx")
+        declared = {t.name: t.dtype for t in (*self.task.inputs, *self.task.outputs)}
+        if not onnx_artifacts:
+            return declared
+        path = self.manifest.path_of(onnx_artifacts[0])
+        found = _onnx_io(path)
+        if set(found) != set(declared):
+            raise MbexportError(f"its inputs/outputs {sorted(found)} are not the registry's {sorted(declared)} for "
+                                f"{self.task.name}", path)
+        return found
+
+
+def _onnx_io(path: Path) -> dict[str, str]:
+    """Graph input and output names -> numpy dtype names, read without loading external weights."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    return {v.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)).name
+            for v in (*graph.input, *graph.output) if v.name not in weights}
+
+
+def _tensor(name: str, dtype: str, dims: list[int]) -> dict:
+    if dtype not in TRITON_TYPES:
+        raise MbexportError(f"tensor {name} has dtype {dtype}, which Triton has no type for")
+    return {"name": name, "data_type": Enum(TRITON_TYPES[dtype]), "dims": dims}
+
+
+def _write_config(folder: Path, config: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(to_pbtxt(config))
+
+
+def to_pbtxt(message: dict, indent: int = 0) -> str:
+    """Protobuf text format for a dict: nested dicts are messages, lists of dicts repeated messages (and map
+    entries as key/value dicts), other lists repeated scalars, :class:`Enum` values bare."""
+    pad, lines = "  " * indent, []
+    for key, value in message.items():
+        items = value if isinstance(value, list) and value and isinstance(value[0], dict) else None
+        if isinstance(value, dict) or items is not None:
+            for item in items if items is not None else [value]:
+                lines += [f"{pad}{key} {{", to_pbtxt(item, indent + 1), f"{pad}}}"]
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: [{', '.join(_scalar(v) for v in value)}]")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(value)}")
+    return "\n".join(line for line in lines if line) + ("\n" if indent == 0 else "")
+
+
+def _scalar(value) -> str:
+    if isinstance(value, Enum):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value), ensure_ascii=False)
