@@ -143,6 +143,28 @@ def export_command(
     for artifact in manifest.artifacts:
         console.print(f"{artifact.kind:8} {artifact.precision:5} {artifact.path}  {artifact.sha256[:12]}",
                       highlight=False)
+
+
+@app.command("validate")
+def validate_command(
+    out_dir: str = typer.Argument(..., help="Output folder with manifest.json."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto (CUDA when onnxruntime-gpu has it)."),
+    task: list[str] = typer.Option(None, "--task", help="Only these tasks (repeat or comma list)."),
+    precision: list[str] = typer.Option(None, "--precision", help="Only these precisions (repeat or comma list)."),
+):
+    """Compare every artifact with the PyTorch reference (Polygraphy); exit 0 pass, 1 fail, 2 bad input."""
+    from mbexport.errors import ValidationFailed
+    from mbexport.validate import validate
+
+    if device not in ("cpu", "cuda", "auto"):
+        raise MbexportError(f"unknown device '{device}' (cpu, cuda, auto)")
+    try:
+        report = validate(out_dir, device=device, tasks=_names(task), precisions=_names(precision))
+    except ValidationFailed as error:
+        console.print(error.report.table())
+        raise
+    console.print(report.table())
+    console.print(f"validation passed; report in {report.root / 'validation.md'}", highlight=False)
 # ---- end export / validate -------------------------------------------------------------------------------------
 
 
@@ -260,6 +282,7 @@ def build_command(
     device: str = typer.Option("cpu", "--device", help="Validation device: cpu, cuda or auto."),
 ):
     """Checkpoint to validated artifacts: ONNX export, fp16/int8/fp8, TensorRT engine; unchanged stages are cached."""
+    import warnings
     from pathlib import Path
 
     from mbexport.errors import MbexportError
@@ -275,8 +298,11 @@ def build_command(
     plan = base.override(task=task, precision=precision, target=target, out=out,
                          calib_text=Path(calib_text) if calib_text else None, calib_size=calib_size,
                          calib_method=calib_method)
-    result = build(src, plan, vocab=vocab, init_missing_head=init_missing_head, device=device,
-                   log=lambda line: err_console.print(line, highlight=False, markup=False))
+    with warnings.catch_warnings():  # stages warn (seeded head, no calibration text): one plain line each
+        warnings.showwarning = lambda message, *_: err_console.print(f"warning: {message}", highlight=False,
+                                                                     markup=False, soft_wrap=True)
+        result = build(src, plan, vocab=vocab, init_missing_head=init_missing_head, device=device,
+                       log=lambda line: err_console.print(line, highlight=False, markup=False))
     console.print(f"{result.out_dir}: {plan.task} {plan.precision} ({result.target}); "
                   f"{len(result.built) or 'no'} stage(s) rebuilt; report in {result.out_dir / 'validation.md'}",
                   highlight=False, soft_wrap=True)

@@ -1,0 +1,117 @@
+"""Validation results: per artifact, per check, with the numbers; as JSON, Markdown and a terminal table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mbexport.fsutil import write_json_atomic, write_text_atomic
+from mbexport.validate.checks import Check
+
+
+@dataclass
+class ArtifactResult:
+    task: str
+    precision: str
+    kind: str
+    path: str
+    sha256: str
+    tolerances: dict = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+    skipped: str | None = None  # why it was not run (e.g. no TensorRT here); not a failure
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def status(self) -> str:
+        return "skipped" if self.skipped else ("pass" if self.passed else "FAIL")
+
+    def as_dict(self) -> dict:
+        return {"task": self.task, "precision": self.precision, "kind": self.kind, "path": self.path,
+                "sha256": self.sha256, "status": self.status, "skipped": self.skipped,
+                "tolerances": self.tolerances, "checks": [c.as_dict() for c in self.checks]}
+
+
+@dataclass
+class Report:
+    root: Path
+    device: str
+    shapes: list[dict]  # the feeds every artifact ran on
+    artifacts: list[ArtifactResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(a.passed for a in self.artifacts)
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "device": self.device, "inputs": self.shapes,
+                "artifacts": [a.as_dict() for a in self.artifacts]}
+
+    def save(self) -> None:
+        write_json_atomic(self.root / "validation.json", self.as_dict())
+        write_text_atomic(self.root / "validation.md", self.markdown())
+
+    def rows(self) -> list[list[str]]:
+        """One row per check: artifact, check, value, limit, status."""
+        rows = []
+        for a in self.artifacts:
+            if a.skipped:
+                rows.append([a.path, "-", "-", "-", f"skipped: {a.skipped}"])
+            for c in a.checks:
+                rows.append([a.path, c.check if c.output == "-" else f"{c.output} {c.check}", _value(c), _limit(c), "pass" if c.passed else "FAIL"])
+        return rows
+
+    def markdown(self) -> str:
+        lines = [f"# Validation: {'PASSED' if self.passed else 'FAILED'}", "",
+                 f"Compared with the PyTorch fp32 reference on {self.device}, inputs (batch x sequence): "
+                 + ", ".join(f"{s['batch']}x{s['sequence']}" + (" with an all-padding row" if s["all_padding_row"]
+                                                                 else "") for s in self.shapes) + ".", ""]
+        lines += ["Tolerances per artifact: elementwise |a - b| <= atol + rtol |b|; cosine of each output; "
+                  "agreement = fraction of real tokens/rows with the reference's answer.", ""]
+        for a in self.artifacts:
+            tol = ", ".join(f"{k} {v:g}" for k, v in a.tolerances.items())
+            lines.append(f"- `{a.path}` ({a.task}, {a.precision} {a.kind}): {a.status}" + (f"; {tol}" if tol else ""))
+        lines += ["", "| artifact | check | value | limit | result |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
+        return "\n".join(lines) + "\n"
+
+    def table(self):
+        """A rich Table for the terminal: one row per artifact, its worst numbers, and what failed."""
+        from rich.table import Table
+
+        table = Table(title=f"validation: {'passed' if self.passed else 'FAILED'}")
+        for column in ("artifact", "max abs diff", "min cosine", "min agreement", "result"):
+            table.add_column(column)
+        for a in self.artifacts:
+            worst = lambda key, pick: pick((c.numbers[key] for c in a.checks if key in c.numbers), default=None)  # noqa: E731
+            diff, cosine, agreement = worst("max_abs_diff", max), worst("cosine", min), worst("agreement", min)
+            failed = [c.check if c.output == "-" else f"{c.output} {c.check}" for c in a.checks if not c.passed]
+            result = f"skipped: {a.skipped}" if a.skipped else ("pass" if not failed else "FAIL: " + ", ".join(failed))
+            table.add_row(a.path, "" if diff is None else f"{diff:.2e}", "" if cosine is None else f"{cosine:.6f}",
+                          "" if agreement is None else f"{100 * agreement:.2f}%", result,
+                          style="red" if failed else ("yellow" if a.skipped else None))
+        return table
+
+
+def _value(check: Check) -> str:
+    n = check.numbers
+    if "max_abs_diff" in n:
+        return f"max {n['max_abs_diff']:.2e}, mean {n['mean_abs_diff']:.2e}"
+    if "agreement" in n:
+        return f"{100 * n['agreement']:.2f}% of {n['count']}"
+    if "cosine" in n:
+        return f"{n['cosine']:.6f}"
+    if "non_finite" in n:
+        return f"{n['non_finite']} NaN/Inf"
+    return n.get("problem", "")
+
+
+def _limit(check: Check) -> str:
+    n = check.numbers
+    if "atol" in n:
+        return f"atol {n['atol']:g} + rtol {n['rtol']:g}"
+    if "limit" in n:
+        return f">= {100 * n['limit']:g}%" if "agreement" in n else f">= {n['limit']:g}"
+    return "0" if "non_finite" in n else ""

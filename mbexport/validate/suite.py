@@ -1,0 +1,157 @@
+"""``mbexport validate``: every artifact in an output folder against the PyTorch reference, via Polygraphy.
+
+The reference runs once per task (a ``TorchRunner``), then each artifact alone (ONNX Runtime, or TensorRT
+when installed) on the same seeded feeds through Polygraphy's ``Comparator.run``, so one artifact that
+cannot even load fails on its own and only one model is in memory beside the reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mbexport.errors import MbexportError, ValidationFailed
+from mbexport.export.onnxfile import external_data_name
+from mbexport.fsutil import sha256_file
+from mbexport.inputs import sample_batch
+from mbexport.manifest import Artifact, Manifest
+from mbexport.model.config import MegatronBertConfig
+from mbexport.runtime import ort_session, providers
+from mbexport.tasks import Task, get_task
+from mbexport.validate.checks import Check, compare, tolerances_for
+from mbexport.validate.reference import TorchRunner, load_reference
+from mbexport.validate.report import ArtifactResult, Report
+
+# (batch, sequence, all-padding last row): batch 1 and larger, short and long, padding everywhere but row 0.
+SHAPES = ((1, 16, False), (4, 48, True), (2, 128, False))
+NUM_CHOICES = 2
+RUNNABLE = ("onnx", "engine")
+
+
+def validate(out_dir: str | Path, *, device: str = "cpu", tasks=None, precisions=None,
+             tolerances: dict | None = None) -> Report:
+    """Check every artifact (or those of ``tasks``/``precisions``), write validation.json/.md, return the report.
+
+    Raises ValidationFailed (exit 1), with the report as ``.report``, when any check fails.
+    """
+    manifest = Manifest.load(out_dir)
+    task_names = {get_task(t).name for t in tasks} if tasks else None
+    selected = [a for a in manifest.artifacts
+                if (task_names is None or a.task in task_names)
+                and (precisions is None or a.precision in precisions or a.kind not in RUNNABLE)]
+    runnable = [a for a in selected if a.kind in RUNNABLE]
+    if not runnable:
+        raise MbexportError("nothing to validate: no ONNX or engine artifact in the manifest"
+                            + (" matches --task/--precision" if tasks or precisions else ""), manifest.root)
+    for a in runnable:
+        tolerances_for(a.precision, a.kind, tolerances)  # bad overrides are bad input: fail before running
+    results = []
+    for task in dict.fromkeys(a.task for a in runnable):
+        results += validate_task(manifest, get_task(task), [a for a in selected if a.task == task],
+                                 device=device, tolerances=tolerances)
+    report = Report(manifest.root, ", ".join(providers(device)), _shapes(), results)
+    report.save()
+    if not report.passed:
+        failed = [a.path for a in results if not a.passed]
+        error = ValidationFailed(f"{len(failed)} artifact(s) failed validation: {', '.join(failed)} "
+                                 "(see validation.md)", manifest.root)
+        error.report = report
+        raise error
+    return report
+
+
+def validate_artifact(manifest: Manifest, artifact: Artifact, *, device: str = "cpu",
+                      tolerances: dict | None = None) -> ArtifactResult:
+    """One artifact's result (for callers that cache per artifact); writes no report."""
+    task = get_task(artifact.task)
+    weights = manifest.find(task.name, kind="weights")
+    return validate_task(manifest, task, [*weights, artifact], device=device, tolerances=tolerances)[-1]
+
+
+def validate_task(manifest: Manifest, task: Task, artifacts: list[Artifact], *, device: str = "cpu",
+                  tolerances: dict | None = None) -> list[ArtifactResult]:
+    """Results for ``artifacts`` of one task: integrity for all, numbers for ONNX files and engines."""
+    from polygraphy.logger import G_LOGGER
+
+    results = [_integrity(manifest, a, tolerances) for a in artifacts]
+    broken_weights = [r for r in results if r.kind == "weights" and not r.passed]
+    candidates = [r for r in results if r.kind in RUNNABLE and r.passed]
+    if not candidates:
+        return results
+    if broken_weights:
+        for r in candidates:
+            r.checks.append(Check("-", "reference", False, {"problem": f"{broken_weights[0].path} changed"}))
+        return results
+    config = MegatronBertConfig.from_hf_dict(manifest.config)
+    vocab = next((manifest.path_of(a) for a in manifest.find(kind="vocab") if manifest.verify(a) is None), None)
+    feeds = [sample_batch(task, config, batch, min(sequence, config.max_position_embeddings), seed=i,
+                          num_choices=NUM_CHOICES, vocab=vocab, all_padding_row=padding)
+             for i, (batch, sequence, padding) in enumerate(SHAPES)]
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        reference = _run(TorchRunner(load_reference(manifest, task)), feeds)
+        for result in candidates:
+            artifact = next(a for a in artifacts if a.path == result.path)
+            runner, skipped = _runner(manifest, artifact, device)
+            if skipped:
+                result.skipped = skipped
+                continue
+            try:
+                outputs = _run(runner, feeds)
+            except Exception as error:  # ONNX Runtime/TensorRT refusing the file is a failed artifact
+                result.checks.append(Check("-", "run", False, {"problem": str(error).splitlines()[0][:300]}))
+                continue
+            result.checks += compare(task, feeds, reference, outputs, result.tolerances)
+    return results
+
+
+def _integrity(manifest: Manifest, artifact: Artifact, overrides: dict | None) -> ArtifactResult:
+    result = ArtifactResult(artifact.task, artifact.precision, artifact.kind, artifact.path, artifact.sha256)
+    if artifact.kind in RUNNABLE:
+        result.tolerances = tolerances_for(artifact.precision, artifact.kind, overrides)
+    problem = manifest.verify(artifact)
+    data = artifact.details.get("external_data")
+    if problem is None and data:
+        data_path = manifest.path_of(artifact).parent / data["path"]
+        if not data_path.is_file() or sha256_file(data_path) != data["sha256"]:
+            problem = f"{data['path']} (external data) is missing or changed (sha256 mismatch)"
+    elif problem is None and artifact.kind == "onnx":
+        stray = manifest.path_of(artifact).parent / external_data_name(artifact.path)
+        if stray.exists() and _references_external_data(manifest.path_of(artifact)):
+            problem = "refers to external data the manifest does not record"
+    result.checks.append(Check("-", "integrity", problem is None, {"problem": problem} if problem else {}))
+    return result
+
+
+def _references_external_data(path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _runner(manifest: Manifest, artifact: Artifact, device: str):
+    """(runner, None), or (None, why it cannot run here)."""
+    path = manifest.path_of(artifact)
+    if artifact.kind == "engine":
+        from mbexport.engine import tensorrt_available, trt_runner
+
+        if not tensorrt_available():
+            return None, "TensorRT is not installed here"
+        runner = trt_runner(path)
+        runner.name = artifact.path
+        return runner, None
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    return OnnxrtRunner(lambda: ort_session(path, device), name=artifact.path), None
+
+
+def _run(runner, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
+    from polygraphy.comparator import Comparator
+
+    results = Comparator.run([runner], data_loader=feeds)
+    return [{name: np.asarray(iteration[name]) for name in iteration.keys()} for iteration in results[runner.name]]
+
+
+def _shapes() -> list[dict]:
+    return [{"batch": b, "sequence": s, "all_padding_row": p} for b, s, p in SHAPES]
