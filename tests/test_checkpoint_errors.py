@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import shutil
 import zipfile
 
 import pytest
@@ -136,13 +137,23 @@ def test_disagreeing_tp_shards(how, tmp_path, cli, megatron_bert):
 
 
 def test_args_that_contradict_the_shards(tmp_path, cli, megatron_bert):
-    shards = megatron_shards(megatron_bert.state_dict, megatron_bert.config, tp=2)
-    path = tmp_path / "ckpt/mp_rank_00/model_optim_rng.pt"
-    path.parent.mkdir(parents=True)
-    from mbexport.checkpoint.synthetic import _save
+    src = write_megatron(tmp_path / "ckpt", megatron_bert.state_dict, megatron_bert.config, tp=2)
+    shutil.rmtree(src / "release/mp_rank_01")
+    refuse(cli, src, "ckpt", "tensor_model_parallel_size=2", tmp_path=tmp_path)
 
-    _save(shards["mp_rank_00/model_optim_rng.pt"], path, False)
-    refuse(cli, path, "model_optim_rng.pt", "tensor_model_parallel_size=2", tmp_path=tmp_path)
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_megatron_core_output_layer_must_be_tied(tied, tmp_path, cli, megatron_bert):
+    shards = megatron_shards(megatron_bert.state_dict, megatron_bert.config, style="mcore", args=False)
+    model = shards["mp_rank_00/model_optim_rng.pt"]["model"]
+    model["output_layer.weight"] = model["embedding.word_embeddings.weight"] + (0 if tied else 1)
+    path = tmp_path / "mcore.pt"
+    torch.save(shards["mp_rank_00/model_optim_rng.pt"], path)
+    if tied:
+        code, _, err = cli("convert", str(path), "--out", str(tmp_path / "out"), "--num-heads", "8")
+        assert code == 0, err
+    else:
+        refuse(cli, path, "mcore.pt", "output_layer.weight is not tied", tmp_path=tmp_path, options=("--num-heads", "8"))
 
 
 def test_missing_path_and_bad_vocab(tmp_path, cli):

@@ -50,6 +50,8 @@ def read_torch_dist(folder: Path) -> Shard:
             raise CheckpointError(f"cannot read torch_dist data: {' '.join(str(error).split())[:300]}", folder) from None
     common = folder / "common.pt"
     extra = torch_load(common, common) if common.is_file() else {}
+    if not isinstance(extra, dict):
+        raise CheckpointError("not a Megatron common state (top level is not a dict)", common)
     flat = {}
     for key, tensor in tensors.items():
         match = STACKED.match(key)
