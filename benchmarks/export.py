@@ -48,7 +48,7 @@ def main() -> None:
         results["transformers + torch.onnx.export"] = measured(
             ["-c", TRANSFORMERS.format(src=str(source), out=str(hf_dir / "model.onnx"))])
     print(f"\nExport of the 345M QA head to fp32 ONNX ({environment()['cpu']}, {environment()['cores']} cores)")
-    print(f"| exporter | wall s | peak RSS GB |\n|---|---|---|")
+    print("| exporter | wall s | peak RSS GB |\n|---|---|---|")
     for name, figures in results.items():
         print(f"| {name} | {figures['seconds']:.1f} | {figures['peak_rss_gb']:.2f} |")
     ours = results["mbexport"]

@@ -48,6 +48,28 @@ def quantize(ours: Path, task) -> str:
     return "measured"
 
 
+def time_peers(source: Path, fused_path: Path, task, warmup: int, iters: int) -> dict:
+    """transformers eager fp16 (CUDA events) and the ORT fused variant (IO binding) at every shape."""
+    import torch
+    import transformers
+
+    from mbexport.bench.timing import measure, ort_timer, summarize, torch_timer
+    from mbexport.inputs import sample_batch
+    from mbexport.runtime import ort_session
+
+    hf = transformers.MegatronBertForQuestionAnswering.from_pretrained(str(source), dtype=torch.float16)
+    hf = hf.eval().cuda()
+    fused = ort_session(fused_path, "cuda")
+    peers = {}
+    for batch, sequence in SHAPES:
+        feed = sample_batch(task, CONFIG_345M, batch, sequence, seed=0)
+        peers[f"transformers eager fp16 b{batch} s{sequence}"] = summarize(
+            measure(torch_timer(hf, feed, "cuda"), warmup, iters))
+        peers[f"ORT fused variant fp16 (ort-cuda) b{batch} s{sequence}"] = summarize(
+            measure(ort_timer(fused, feed), warmup, iters))
+    return peers
+
+
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where gpu.json, bench.json and bench.png go")
@@ -57,12 +79,10 @@ def main() -> None:
 
     import onnxruntime as ort
     import torch
-    import transformers
 
     from mbexport.bench import bench
     from mbexport.bench.flops import dense_peak, model_flops
-    from mbexport.bench.timing import measure, ort_timer, summarize, torch_timer
-    from mbexport.export.pipeline import export
+    from mbexport.export import export
     from mbexport.inputs import sample_batch
     from mbexport.runtime import ort_session
     from mbexport.tasks import get_task
@@ -91,17 +111,7 @@ def main() -> None:
                      zip(ort_session(ours / QA / "model.fp32.onnx", "cuda").run(None, check),
                          ort_session(fused_path, "cuda").run(None, check)))
 
-    # Peers, same process, same feeds: transformers eager fp16 and the fused ORT variant.
-    hf = transformers.MegatronBertForQuestionAnswering.from_pretrained(str(source), dtype=torch.float16)
-    hf = hf.eval().cuda()
-    fused = ort_session(fused_path, "cuda")
-    peers = {}
-    for batch, sequence in SHAPES:
-        feed = sample_batch(task, CONFIG_345M, batch, sequence, seed=0)
-        for name, timer in (("transformers eager fp16", lambda: torch_timer(hf, feed, "cuda")),
-                            ("ORT fused variant fp16 (ort-cuda)", lambda: ort_timer(fused, feed))):
-            peers[f"{name} b{batch} s{sequence}"] = summarize(measure(timer(), args.warmup, args.iters))
-    del hf
+    peers = time_peers(source, fused_path, task, args.warmup, args.iters)
     torch.cuda.empty_cache()
     report = bench(ours, task=QA, backends=("torch", "ort-cuda"), batches=tuple(sorted({b for b, _ in SHAPES})),
                    sequences=tuple(sorted({s for _, s in SHAPES})), warmup=args.warmup, iters=args.iters)
@@ -134,7 +144,7 @@ def main() -> None:
                 cells.append("-")
                 continue
             tflops = model_flops(CONFIG_345M, task, b, s) / (value * 1e-3) / 1e12
-            peak = dense_peak(gpu, "fp16")
+            peak = dense_peak(gpu, next((p for p in ("fp32", "int8", "fp8") if p in name), "fp16"))
             cells.append(f"{value:.2f} ({ref / value:.2f}x, {tflops:.0f} TFLOP/s"
                          + (f", {100 * tflops / peak:.0f}% peak)" if peak else ")"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
