@@ -153,7 +153,8 @@ def test_megatron_core_output_layer_must_be_tied(tied, tmp_path, cli, megatron_b
         code, _, err = cli("convert", str(path), "--out", str(tmp_path / "out"), "--num-heads", "8")
         assert code == 0, err
     else:
-        refuse(cli, path, "mcore.pt", "output_layer.weight is not tied", tmp_path=tmp_path, options=("--num-heads", "8"))
+        refuse(cli, path, "mcore.pt", "output_layer.weight is not tied", tmp_path=tmp_path,
+               options=("--num-heads", "8"))
 
 
 def test_missing_path_and_bad_vocab(tmp_path, cli):

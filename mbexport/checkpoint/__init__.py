@@ -7,6 +7,7 @@ Every reader ends in the same ``state_dict`` naming, so the rest of mbexport nev
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 from mbexport.checkpoint import names
 from mbexport.checkpoint.dist import is_torch_dist, read_torch_dist
 from mbexport.checkpoint.huggingface import is_hf_folder, read_hf_folder, write_safetensors, write_tokenizer
-from mbexport.checkpoint.megatron import SHARD_DIR, Files, Shard, load_file, merge_shards, read_shard, shard_files
+from mbexport.checkpoint.megatron import (SHARD_DIR, TRACKER, Files, Shard, iteration_folder, load_file, merge_shards,
+                                          read_shard, shard_files)
 from mbexport.checkpoint.progress import status
 from mbexport.errors import CheckpointError
 from mbexport.fsutil import atomic_dir, write_json_atomic
@@ -66,7 +68,8 @@ def load_checkpoint(path: str | Path, *, num_attention_heads: int | None = None)
         files = Files(path)
         found = shard_files(files)
         with status(f"Reading {len(found)} checkpoint file(s)"):
-            shards = [read_shard(files.load(name), files.display(name), tp, pp) for (tp, pp), name in sorted(found.items())]
+            shards = [read_shard(files.load(name), files.display(name), tp, pp)
+                      for (tp, pp), name in sorted(found.items())]
         fmt = "ngc-zip" if files.archive else None
     fmt = fmt or ("megatron-core" if shards[0].mcore else "megatron-lm")
     return _from_megatron(path, fmt, shards, num_attention_heads)
@@ -77,18 +80,13 @@ def _dist_folder(path: Path) -> Path | None:
         return None
     if is_torch_dist(path):
         return path
-    tracker = path / "latest_checkpointed_iteration.txt"
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        folder = path / ("release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else text)
-        return folder if folder.is_dir() and is_torch_dist(folder) else None
-    return None
+    tracker = path / TRACKER
+    iteration = iteration_folder(tracker.read_text()) if tracker.is_file() else None
+    return path / iteration if iteration and is_torch_dist(path / iteration) else None
 
 
 def _is_archive(path: Path) -> bool:
     """A zip that holds checkpoint files, as opposed to a ``.pt`` in PyTorch's zip serialization."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as archive:
             return any(n.endswith(".pt") or n.endswith(".txt") for n in archive.namelist())
@@ -121,8 +119,10 @@ def _from_megatron(path: Path, fmt: str, shards: list[Shard], heads_option: int 
         hidden_size=hidden,
         num_hidden_layers=arg("num_layers") or layers,
         num_attention_heads=heads,
-        intermediate_size=arg("ffn_hidden_size") or shape("bert.encoder.layer.0.intermediate.dense.weight", 0, 4 * hidden),
-        max_position_embeddings=arg("max_position_embeddings") or shape("bert.embeddings.position_embeddings.weight", 0),
+        intermediate_size=arg("ffn_hidden_size")
+        or shape("bert.encoder.layer.0.intermediate.dense.weight", 0, 4 * hidden),
+        max_position_embeddings=arg("max_position_embeddings")
+        or shape("bert.embeddings.position_embeddings.weight", 0),
         type_vocab_size=shape("bert.embeddings.token_type_embeddings.weight", 0, 2),
         layer_norm_eps=arg("layernorm_epsilon") or MEGATRON_LAYERNORM_EPS,
     ), path)

@@ -47,7 +47,8 @@ def read_torch_dist(folder: Path) -> Shard:
         try:
             dcp.load(tensors, storage_reader=reader, no_dist=True)
         except Exception as error:  # dcp wraps per-file failures in its own exception types
-            raise CheckpointError(f"cannot read torch_dist data: {' '.join(str(error).split())[:300]}", folder) from None
+            reason = " ".join(str(error).split())[:300]
+            raise CheckpointError(f"cannot read torch_dist data: {reason}", folder) from None
     common = folder / "common.pt"
     extra = torch_load(common, common) if common.is_file() else {}
     if not isinstance(extra, dict):

@@ -137,6 +137,12 @@ class Shard:
     mcore: bool = field(default=False)
 
 
+def iteration_folder(tracker_text: str) -> str | None:
+    """The folder ``latest_checkpointed_iteration.txt`` names: ``release`` or ``iter_0000123``."""
+    text = tracker_text.strip()
+    return "release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else None
+
+
 def shard_files(files: Files) -> dict[tuple[int, int], str]:
     """``(tp, pp) -> file name`` of the iteration the tracker names (or the only one there is)."""
     root = ""
@@ -144,7 +150,7 @@ def shard_files(files: Files) -> dict[tuple[int, int], str]:
     if trackers:
         base = PurePosixPath(trackers[0]).parent
         text = files.read_text(trackers[0])
-        iteration = "release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else None
+        iteration = iteration_folder(text)
         if iteration is None:
             raise CheckpointError(f"{TRACKER} says '{text}', expected 'release' or an iteration number",
                                   files.display(trackers[0]))
@@ -199,7 +205,8 @@ def merge_shards(shards: list[Shard], heads: int) -> dict[str, torch.Tensor]:
     missing = sorted({(t, p) for t in range(tp) for p in range(pp)} - grid)
     if missing:
         t, p = missing[0]
-        raise CheckpointError(f"missing shard mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""), shards[0].file.parent.parent)
+        rank = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
+        raise CheckpointError(f"missing shard {rank}", shards[0].file.parent.parent)
     versions = {str(s.version) for s in shards}
     if len(versions) > 1:
         raise CheckpointError(f"shards disagree on checkpoint_version ({', '.join(sorted(versions))})", shards[0].file)
@@ -256,7 +263,8 @@ def _merge_ranks(ranks: list[tuple[Path, dict]], heads: int, layout: str) -> dic
             per_rank = 3 * (heads // tp)
             bad = [f for f, p in zip(files, parts) if p.shape[0] % per_rank]
             if bad:
-                raise CheckpointError(f"{name} has {parts[0].shape[0]} rows, not a multiple of 3 x {heads // tp} heads", bad[0])
+                raise CheckpointError(f"{name} has {parts[0].shape[0]} rows, not a multiple of 3 x {heads // tp} "
+                                      "heads", bad[0])
             qkv = _concat([deinterleave_qkv(p, heads // tp, layout) for p in parts], 1, name, files)
             param = rest.rpartition(".")[2]
             for module, tensor in zip(names.QKV_TO_HF, qkv):
@@ -275,7 +283,8 @@ def _concat(parts: list[torch.Tensor], dim: int, name: str, files: list[Path]) -
     if len(parts) == 1:
         return parts[0]
     for file, part in zip(files[1:], parts[1:]):
-        if part.dim() != parts[0].dim() or any(a != b for i, (a, b) in enumerate(zip(part.shape, parts[0].shape)) if i != dim):
+        same_dims = [size for i, size in enumerate(part.shape) if i != dim]
+        if part.dim() != parts[0].dim() or same_dims != [size for i, size in enumerate(parts[0].shape) if i != dim]:
             raise CheckpointError(f"tensor-parallel shards disagree on the shape of {name}: "
                                   f"{list(part.shape)} vs {list(parts[0].shape)}", file)
     return torch.cat(parts, dim)

@@ -60,7 +60,8 @@ def torch_load(source: Path | BinaryIO, path: Path, *, mmap: bool = False):
         except CheckpointError:
             raise
         except Exception as error:  # torch and zipfile report damaged data with many exception types
-            raise CheckpointError(f"cannot read checkpoint (truncated or corrupt?): {_reason(str(error)) or type(error).__name__}",
+            reason = _reason(str(error)) or type(error).__name__
+            raise CheckpointError(f"cannot read checkpoint (truncated or corrupt?): {reason}",
                                   path) from None
 
 
@@ -92,7 +93,8 @@ class _DistMetadataUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module, name):
-        if (module, name) in _DIST_METADATA or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _DIST_METADATA or dtype:
             return super().find_class(module, name)
         raise UnsafeCheckpointError(f"refused to load: the pickle asks for global {module}.{name}, "
                                     "which is not part of torch.distributed.checkpoint metadata", self.path)

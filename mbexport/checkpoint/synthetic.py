@@ -118,7 +118,8 @@ def _split_tp(state_dict: dict, config: MegatronBertConfig, tp: int, layout: str
         name = names.from_hf(hf_name)
         layer, rest = names.split_layer(name)
         if rest.startswith(names.QKV):
-            fused.setdefault(name, [None] * 3)[names.QKV_TO_HF.index(hf_name.split(".", 4)[4].rpartition(".")[0])] = tensor
+            module = hf_name.split(".", 4)[4].rpartition(".")[0]  # attention.self.{query,key,value}
+            fused.setdefault(name, [None] * 3)[names.QKV_TO_HF.index(module)] = tensor
             continue
         dim = names.TP_SPLIT_DIM.get(rest)
         for rank, piece in zip(ranks, tensor.chunk(tp, dim) if dim is not None else [tensor] * tp):
@@ -218,8 +219,8 @@ def _save(obj, f, old_serialization: bool) -> None:
         torch.save(obj, f, _use_new_zipfile_serialization=not old_serialization)
 
 
-def write_megatron(out_dir: str | Path, state_dict: dict, config: MegatronBertConfig, *, old_serialization: bool = False,
-                   **layout) -> Path:
+def write_megatron(out_dir: str | Path, state_dict: dict, config: MegatronBertConfig, *,
+                   old_serialization: bool = False, **layout) -> Path:
     """A Megatron checkpoint folder: tracker file plus ``{release|iter_*}/mp_rank_*`` (see ``megatron_shards``)."""
     out_dir = Path(out_dir)
     iteration = layout.get("iteration")
@@ -266,7 +267,8 @@ def write_torch_dist(out_dir: str | Path, state_dict: dict, config: MegatronBert
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True)
-    _save({"args": megatron_args(config), "checkpoint_version": 3.0, "iteration": iteration}, folder / "common.pt", False)
+    common = {"args": megatron_args(config), "checkpoint_version": 3.0, "iteration": iteration}
+    _save(common, folder / "common.pt", False)
     (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                                                       "common_backend": "torch", "common_backend_version": 1}))
     (out_dir / "latest_checkpointed_iteration.txt").write_text(str(iteration))
@@ -314,4 +316,5 @@ def example_vocab() -> list[str]:
     symbols = list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~") + [str(d) for d in range(10)]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     words = list(dict.fromkeys(w for w in _WORDS if w not in letters))
-    return specials + symbols + letters + words + [f"##{p}" for p in _PIECES] + [f"##{c}" for c in letters if c not in _PIECES]
+    pieces = _PIECES + [c for c in letters if c not in _PIECES]
+    return specials + symbols + letters + words + [f"##{p}" for p in pieces]
