@@ -38,9 +38,20 @@ LAYOUTS = [
     ("torch-dist-te", lambda d, s, c: write_torch_dist(d, s, c, te=True), False, "megatron-core-dist", 1, 1),
     ("single-pt", lambda d, s, c: write_megatron(d, s, c) / "release/mp_rank_00/model_optim_rng.pt", False,
      "megatron-lm", 1, 1),
+    ("zip-in-a-folder-no-tracker", lambda d, s, c: zip_without_tracker(write_megatron(d, s, c, tp=2, iteration=7)),
+     False, "ngc-zip", 2, 1),
     ("mp-rank-folder-tp2", lambda d, s, c: write_megatron(d, s, c, tp=2) / "release/mp_rank_01", False,
      "megatron-lm", 2, 1),
 ]
+
+
+def zip_without_tracker(folder):
+    """A zip of a Megatron folder under a top-level directory, without latest_checkpointed_iteration.txt."""
+    archive = folder.parent / "bundle.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for file in folder.rglob("*.pt"):
+            z.write(file, f"megatron_bert/{file.relative_to(folder)}")
+    return archive
 
 
 def outputs(model, config):

@@ -86,7 +86,7 @@ def test_missing_member(tmp_path, cli):
     src = tmp_path / "partial.zip"
     with zipfile.ZipFile(src, "w") as archive:
         archive.writestr("latest_checkpointed_iteration.txt", "release")
-    refuse(cli, src, "partial.zip", "model_optim_rng.pt", tmp_path=tmp_path)
+    refuse(cli, src, "partial.zip", "release, which has no mp_rank_*/model_optim_rng.pt", tmp_path=tmp_path)
 
 
 def test_missing_tensor(tmp_path, cli, megatron_bert):

@@ -22,7 +22,8 @@ from mbexport.errors import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-SHARD_FILES = ("model_optim_rng.pt", "model_rng.pt")  # the name Megatron-LM has used for each rank's file
+# A rank's file (Megatron-LM has called it both names) and the iteration folder that holds it.
+SHARD_FILE = re.compile(r"^(?:(.*)/)?mp_rank_(\d{2})(?:_(\d{3}))?/(?:model_optim_rng|model_rng)\.pt$")
 
 # Row layout of the fused QKV by checkpoint_version (s: which of Q/K/V, n: head, d: dim within the head).
 QKV_LAYOUTS = {0: "snd", 1: "nds", 2: "nsd"}
@@ -144,28 +145,28 @@ def iteration_folder(tracker_text: str) -> str | None:
 
 
 def shard_files(files: Files) -> dict[tuple[int, int], str]:
-    """``(tp, pp) -> file name`` of the iteration the tracker names (or the only one there is)."""
-    root = ""
+    """``(tp, pp) -> file name`` in the iteration folder the tracker names, or in the only one there is."""
+    by_folder: dict[str, dict[tuple[int, int], str]] = {}
+    for name in files.names:
+        match = SHARD_FILE.match(name)
+        if match:
+            by_folder.setdefault(match[1] or "", {})[(int(match[2]), int(match[3] or 0))] = name
     trackers = sorted((n for n in files.names if PurePosixPath(n).name == TRACKER), key=len)
     if trackers:
-        base = PurePosixPath(trackers[0]).parent
         text = files.read_text(trackers[0])
         iteration = iteration_folder(text)
         if iteration is None:
             raise CheckpointError(f"{TRACKER} says '{text}', expected 'release' or an iteration number",
                                   files.display(trackers[0]))
-        root = f"{base / iteration}/".removeprefix("./")
-    found = {}
-    for name in files.names:
-        parts = PurePosixPath(name[len(root):]).parts if name.startswith(root) else ()
-        match = SHARD_DIR.match(parts[0]) if len(parts) == 2 and parts[1] in SHARD_FILES else None
-        if match:
-            found[(int(match[1]), int(match[2] or 0))] = name
-    if not found:
-        where = f"under {root}" if root else "in it"
-        raise CheckpointError(f"no mp_rank_*/model_optim_rng.pt {where}: missing member or not a Megatron checkpoint",
-                              files.path)
-    return found
+        folder = (PurePosixPath(trackers[0]).parent / iteration).as_posix()
+        if folder not in by_folder:
+            raise CheckpointError(f"{TRACKER} names {iteration}, which has no mp_rank_*/model_optim_rng.pt "
+                                  "(missing member?)", files.path)
+        return by_folder[folder]
+    if len(by_folder) != 1:
+        problem = "several iterations and no " + TRACKER if by_folder else "no mp_rank_*/model_optim_rng.pt"
+        raise CheckpointError(f"{problem}: missing member or not a Megatron checkpoint", files.path)
+    return next(iter(by_folder.values()))
 
 
 def load_file(path: Path):
