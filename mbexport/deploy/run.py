@@ -35,7 +35,8 @@ def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backen
     infer, used, artifact = _backend(manifest, task, backend, precision, device)
     config = MegatronBertConfig.from_hf_dict(manifest.config)
     # An engine only accepts sequences inside its profiles: pad to the longest one, as Triton's tokenizer does.
-    max_length = _profile_max(artifact, "sequence") if used == "tensorrt" else min(512, config.max_position_embeddings)
+    max_length = (max(p["sequence"][2] for p in artifact.details["profiles"]) if used == "tensorrt"
+                  else min(512, config.max_position_embeddings))
     pipeline = TextPipeline.for_artifacts(manifest, task, vocab=vocab, max_length=max_length, top_k=top_k)
     feed = pipeline.encode({field: [text] for field, text in texts.items()}, pad_to_max=used == "tensorrt")
     outputs = infer(feed)
@@ -52,7 +53,7 @@ def _backend(manifest: Manifest, task: Task, backend: str, precision: str | None
     reasons = []
     for name in candidates:
         if name == "pytorch":
-            from mbexport.validate import load_reference  # a later import: validate pulls in every stage
+            from mbexport.validate import load_reference  # on demand: it brings the checkpoint readers
 
             model = load_reference(manifest, task)
             return _torch_infer(model, task), name, None
@@ -62,7 +63,7 @@ def _backend(manifest: Manifest, task: Task, backend: str, precision: str | None
             continue
         found = _pick(manifest, task, kind, precision, PREFERENCE[name])
         if found is None:
-            reasons.append(f"no {precision or ''} {kind} for {task.name}".replace("  ", " "))
+            reasons.append(f"no {kind}{f' {precision}' if precision else ''} artifact for {task.name}")
             continue
         problem = manifest.verify(found)
         if problem:
@@ -79,11 +80,6 @@ def _pick(manifest: Manifest, task: Task, kind: str, precision: str | None, orde
     if precision is not None:
         return found.get(precision)
     return next((found[p] for p in order if p in found), None)
-
-
-def _profile_max(artifact: Artifact, dim: str) -> int:
-    """The largest size of ``dim`` any of the engine's optimization profiles accepts."""
-    return max(profile[dim][2] for profile in artifact.details["profiles"])
 
 
 def _ort_infer(path: Path, task: Task, device: str) -> Infer:
