@@ -27,7 +27,7 @@ from mbexport.model import MegatronBertConfig
 from mbexport.quantize import calibration_batches, quantize_onnx
 from mbexport.recipes import Recipe
 from mbexport.tasks import Task, get_task
-from mbexport.validate import validate
+from mbexport.validate import tolerances_for, validate
 
 OPSET = 17
 VALIDATION_CACHE = ".validation-key.json"  # the key of the artifacts validation.json was computed from
@@ -53,6 +53,10 @@ def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = No
     if not source.exists():
         raise CheckpointError("no such file or directory", source)
     task = get_task(recipe.task)
+    try:  # bad tolerances are bad input: say so before the export, not after
+        tolerances_for(recipe.precision, "onnx", recipe.tolerances)
+    except MbexportError as error:
+        raise MbexportError(str(error), recipe.path) from None
     target = recipe.target or ("engine" if engine.tensorrt_available() else "onnx")
     if target == "engine":
         engine.require_tensorrt()  # fail before any work, not after the export
@@ -95,8 +99,8 @@ class _Run:
     def __init__(self, manifest: Manifest, result: BuildResult, log: Callable[[str], None]):
         self.manifest, self.result, self.log = manifest, result, log
 
-    def stage(self, name: str, task: Task, precision: str, kind: str, key: str,
-              make: Callable[[Path], dict]) -> Artifact:
+    def stage(self, name: str, task: Task, precision: str, kind: str, key: str, make: Callable[[Path], dict],
+              upstream: Artifact | None = None) -> Artifact:
         path = self.manifest.root / task.name / f"model.{precision}.{'plan' if kind == 'engine' else 'onnx'}"
         for artifact in self.manifest.find(task.name, precision, kind):
             if artifact.details.get("cache_key") == key and self.manifest.verify(artifact) is None:
@@ -104,10 +108,25 @@ class _Run:
                 return artifact
         start = time.perf_counter()
         details = make(path)  # writes ``path`` atomically
-        artifact = self.manifest.record(task, precision, kind, path, **details, cache_key=key)
+        made_from = {"made_from": {"path": upstream.path, "sha256": upstream.sha256}} if upstream else {}
+        artifact = self.manifest.record(task, precision, kind, path, **details, **made_from, cache_key=key)
+        self._drop_stale()
         self.manifest.save()
         self.note(name, f"built in {time.perf_counter() - start:.1f} s")
         return artifact
+
+    def _drop_stale(self) -> None:
+        """Forget (and delete) artifacts made from a file that has since changed: e.g. fp16 from an old fp32."""
+        while True:
+            current = {(a.path, a.sha256) for a in self.manifest.artifacts}
+            stale = [a for a in self.manifest.artifacts if "made_from" in a.details
+                     and (a.details["made_from"]["path"], a.details["made_from"]["sha256"]) not in current]
+            if not stale:
+                return
+            for artifact in stale:
+                self.manifest.path_of(artifact).unlink(missing_ok=True)
+                self.manifest.artifacts.remove(artifact)
+                self.log(f"removed {artifact.path}: made from an earlier {artifact.details['made_from']['path']}")
 
     def note(self, name: str, status: str) -> None:
         self.result.steps.append((name, status))
@@ -122,22 +141,20 @@ def _precision(run: _Run, task: Task, config: MegatronBertConfig, fp32: Artifact
             convert_fp16(fp32_path, path)
             return {}
 
-        return run.stage(f"convert {task.name} fp16", task, "fp16", "onnx", _key("fp16", fp32.sha256), make_fp16)
+        return run.stage(f"convert {task.name} fp16", task, "fp16", "onnx", _key("fp16", fp32.sha256), make_fp16,
+                         fp32)
     calib = recipe.calibration
     inputs = (sha256_file(calib.text), sha256_file(vocab)) if calib.text is not None else None
     key = _key("quantize", recipe.precision, fp32.sha256, inputs, calib.size, calib.method, calib.sequence)
 
     def make(path: Path) -> dict:
-        if calib.text is None:
-            run.log(f"warning: no --calib-text: calibrating {recipe.precision} on seeded random token ids; "
-                    "accuracy figures will not represent real text")
         batches = calibration_batches(task, config, text=calib.text, vocab=vocab, size=calib.size,
                                       sequence=calib.sequence)
         quantize_onnx(fp32_path, path, mode=recipe.precision, calibration=batches, method=calib.method)
         return {"calibration": {"text": str(calib.text) if calib.text else None, "size": calib.size,
                                 "method": calib.method, "sequence": calib.sequence}}
 
-    return run.stage(f"quantize {task.name} {recipe.precision}", task, recipe.precision, "onnx", key, make)
+    return run.stage(f"quantize {task.name} {recipe.precision}", task, recipe.precision, "onnx", key, make, fp32)
 
 
 def _engine(run: _Run, task: Task, config: MegatronBertConfig, onnx: Artifact, recipe: Recipe) -> Artifact:
@@ -151,7 +168,7 @@ def _engine(run: _Run, task: Task, config: MegatronBertConfig, onnx: Artifact, r
     return run.stage(f"engine {task.name} {onnx.precision}", task, onnx.precision, "engine", key,
                      lambda path: engine.build_engine(run.manifest.path_of(onnx), path, task, profiles,
                                                       precision=onnx.precision, settings=settings,
-                                                      root=run.manifest.root))
+                                                      root=run.manifest.root), onnx)
 
 
 def _validate(run: _Run, recipe: Recipe, device: str) -> None:

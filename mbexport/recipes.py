@@ -111,10 +111,12 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     calibration = _typed(data.get("calibration", {}), _CALIBRATION, "calibration.", path)
     engine = _typed(data.get("engine", {}), _ENGINE, "engine.", path)
     output = _typed(data.get("output", {}), _OUTPUT, "output.", path)
-    tolerances = data.get("tolerances", {})
-    for key, value in tolerances.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise MbexportError(f"tolerance '{key}' must be a number, got {value!r}", path)
+    tolerances = {}  # validate's overrides: "atol" for every precision, [tolerances.int8] as "int8.atol"
+    for key, value in data.get("tolerances", {}).items():
+        for name, number in (value.items() if isinstance(value, dict) else [("", value)]):
+            if not isinstance(number, (int, float)) or isinstance(number, bool):
+                raise MbexportError(f"tolerance '{key}' must be a number, got {number!r}", path)
+            tolerances[f"{key}.{name}" if name else key] = number
     profiles = None
     if "profiles" in data:
         if not all(isinstance(p, dict) for p in data["profiles"]) or not data["profiles"]:

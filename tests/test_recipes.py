@@ -36,7 +36,9 @@ builder_optimization_level = 1
 workspace_mib = 256
 timing_cache = false
 [tolerances]
-argmax = 0.9
+agreement = 0.9
+[tolerances.int8]
+atol = 2.0
 [output]
 dir = "out/{checkpoint}-int8"
 """
@@ -68,7 +70,7 @@ def test_every_field_is_read(tmp_path):
     assert recipe.profiles == (Profile(batch=(1, 2, 4), sequence=(8, 16, 32)),
                                Profile(batch=(1, 1, 4), sequence=(1, 4, 8)))
     assert recipe.engine == EngineSettings(builder_optimization_level=1, workspace_mib=256, timing_cache=None)
-    assert recipe.tolerances == {"argmax": 0.9}
+    assert recipe.tolerances == {"agreement": 0.9, "int8.atol": 2.0}
     assert recipe.out == "out/{checkpoint}-int8"
 
 
@@ -93,7 +95,8 @@ def test_minimal_recipe_takes_defaults(tmp_path):
     (('task = "qa"', ""), "missing field 'task'"),
     (("batch = [1, 2, 4]", "batch = [4, 2, 1]"), "min <= opt <= max"),
     (("batch = [1, 1, 4]", "batch = [1, 1, 8]"), "share one max batch"),
-    (("argmax = 0.9", 'argmax = "high"'), "tolerance 'argmax' must be a number"),
+    (("agreement = 0.9", 'agreement = "high"'), "tolerance 'agreement' must be a number"),
+    (("atol = 2.0", 'atol = "x"'), "tolerance 'int8' must be a number"),
     (("[output]", "[output"), "not valid TOML"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, change, message):

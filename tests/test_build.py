@@ -1,0 +1,207 @@
+"""``mbexport build``: checkpoint to validated fp16/int8/fp8 artifacts, with content-hash caching.
+
+The tiny built-in example checkpoint (hidden 64, 2 layers) goes through the real stages: export, fp16
+conversion, Model Optimizer quantization, validation against the PyTorch reference with ONNX Runtime.
+"""
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mbexport.checkpoint.synthetic import make_example
+from mbexport.errors import MbexportError, MissingDependencyError
+from mbexport.manifest import Manifest
+from mbexport.pipeline import build
+from mbexport.recipes import Calibration, Recipe
+
+FAST = Calibration(size=8, sequence=32)
+
+
+TASKS = ("question-answering", "masked-lm", "sequence-classification")
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    return make_example(tmp_path_factory.mktemp("example"), seed=0)  # (checkpoint zip, vocab.txt)
+
+
+def recipe(task, precision, **fields):
+    return Recipe(name="test", task=task, precision=precision, target="onnx", **{"calibration": FAST, **fields})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, example):
+    """One folder per task holding fp32, fp16, int8 and fp8, built in that order; and each build's steps."""
+    checkpoint, vocab = example
+    folders, steps = {}, {}
+    for task in TASKS:
+        folders[task] = tmp_path_factory.mktemp(task) / "out"
+        for precision in ("fp16", "int8", "fp8"):
+            result = build(checkpoint, recipe(task, precision), out_dir=folders[task], vocab=vocab,
+                           init_missing_head=0)
+            steps[task, precision] = (result.target, result.steps)
+    return folders, steps
+
+
+@pytest.fixture
+def qa_copy(built, tmp_path):
+    """A private copy of the QA folder, for tests that change it."""
+    return Path(shutil.copytree(built[0]["question-answering"], tmp_path / "out"))
+
+
+def mtimes(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_onnx_target_builds_validated_fp16_int8_fp8(built, example, task):
+    folders, steps = built
+    out = folders[task]
+    first_stage, status = steps[task, "fp16"][1][0]
+    assert first_stage == f"export {task} fp32" and status.startswith("built")
+    assert dict(steps[task, "int8"][1])[f"export {task} fp32"] == "cached"  # one export serves every precision
+    assert dict(steps[task, "fp8"][1])[f"export {task} fp32"] == "cached"
+    assert {target for target, _ in (steps[task, p] for p in ("fp16", "int8", "fp8"))} == {"onnx"}
+    manifest = Manifest.load(out)
+    onnx = {a.precision: a for a in manifest.find(task, kind="onnx")}
+    assert set(onnx) == {"fp32", "fp16", "int8", "fp8"}
+    assert all(manifest.verify(a) is None and a.details["cache_key"] for a in onnx.values())
+    assert onnx["int8"].details["calibration"] == {"text": None, "size": 8, "method": "max", "sequence": 32}
+    assert (out / "vocab.txt").read_bytes() == example[1].read_bytes()
+    report = json.loads((out / "validation.json").read_text())
+    assert report["passed"]
+    rows = {a["precision"]: a for a in report["artifacts"] if a["kind"] == "onnx"}
+    assert set(rows) == {"fp32", "fp16", "int8", "fp8"}
+    for precision, row in rows.items():
+        assert row["status"] == "pass" and row["sha256"] == onnx[precision].sha256
+        agreement = [c for c in row["checks"] if c["check"] in ("argmax", "top5")]
+        assert agreement and all(c["passed"] and c["agreement"] >= c["limit"] > 0 for c in agreement)
+
+
+def test_rerun_with_nothing_changed_does_no_work(qa_copy, example):
+    checkpoint, vocab = example
+    before = mtimes(qa_copy)
+    again = build(checkpoint, recipe("qa", "fp8"), out_dir=qa_copy, vocab=vocab, init_missing_head=0)
+    assert again.built == [] and [status for _, status in again.steps] == ["cached"] * 3
+    assert mtimes(qa_copy) == before  # not a single file rewritten
+    # without --vocab the copied one is used, and an earlier precision is still there: nothing to do
+    assert build(checkpoint, recipe("qa", "int8"), out_dir=qa_copy, init_missing_head=0).built == []
+    assert mtimes(qa_copy) == before
+
+
+def test_changed_parameter_redoes_only_downstream_stages(qa_copy, example):
+    checkpoint, _ = example
+    fp32 = Manifest.load(qa_copy).find("question-answering", "fp32", "onnx")[0]
+    changed = build(checkpoint, recipe("qa", "int8", calibration=replace(FAST, size=4)), out_dir=qa_copy,
+                    init_missing_head=0)
+    assert changed.built == ["quantize question-answering int8", "validate"]
+    manifest = Manifest.load(qa_copy)
+    assert manifest.find("question-answering", "fp32", "onnx")[0] == fp32 and manifest.verify(fp32) is None
+    assert manifest.find("question-answering", "int8", "onnx")[0].details["calibration"]["size"] == 4
+    # A caching test, not an accuracy one: six QA rows of another random head may disagree once (5/6 < 85%).
+    relaxed = recipe("qa", "int8", calibration=replace(FAST, size=4), tolerances={"int8.agreement": 0.5})
+    reseeded = build(checkpoint, relaxed, out_dir=qa_copy, init_missing_head=1)
+    assert reseeded.built == ["export question-answering fp32", "quantize question-answering int8", "validate"]
+    # fp16 and fp8 came from the old fp32 (another head): dropped with their files, not left to fail validation
+    assert {a.precision for a in Manifest.load(qa_copy).find("question-answering", kind="onnx")} == {"fp32", "int8"}
+    assert not (qa_copy / "question-answering" / "model.fp16.onnx").exists()
+
+
+def test_tampered_or_unrecorded_files_are_rebuilt(qa_copy, example):
+    """What an interrupted run can leave (a file without its manifest entry, a changed file) is never trusted."""
+    checkpoint, _ = example
+    fp16 = qa_copy / "question-answering" / "model.fp16.onnx"
+    original = fp16.read_bytes()
+    fp16.write_bytes(original[:-10])  # as if cut short
+    rebuilt = ["convert question-answering fp16"]  # the same bytes again, so validation.json still holds
+    assert build(checkpoint, recipe("qa", "fp16"), out_dir=qa_copy, init_missing_head=0).built == rebuilt
+    assert fp16.read_bytes() == original
+    manifest = Manifest.load(qa_copy)
+    manifest.artifacts = [a for a in manifest.artifacts if a.precision != "fp16"]  # renamed, never recorded
+    manifest.save()
+    assert build(checkpoint, recipe("qa", "fp16"), out_dir=qa_copy, init_missing_head=0).built == rebuilt
+
+
+def test_engine_without_tensorrt_fails_before_any_work(tmp_path, qa_copy, example, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(MissingDependencyError, match="tensorrt-cu12.*--target onnx"):
+        build(example[0], replace(recipe("qa", "fp16"), target="engine"), out_dir=tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    # no target given: ONNX when TensorRT is missing
+    result = build(example[0], replace(recipe("qa", "fp16"), target=None), out_dir=qa_copy, init_missing_head=0)
+    assert result.target == "onnx" and result.built == []
+
+
+def test_cli_build_with_recipe_and_overrides(tmp_path, built, example, cli, monkeypatch):
+    checkpoint, vocab = example
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "artifacts" / "example_bert_tiny_uncased"  # the default output folder
+    shutil.copytree(built[0]["sequence-classification"], folder)
+    code, out, err = cli("build", str(checkpoint), "--recipe", "seq-cls-int8", "--target", "onnx",
+                         "--calib-size", "8", "--vocab", str(vocab), "--init-missing-head", "0")
+    assert code == 0, err
+    assert "warning: no calibration text" in err and "quantize sequence-classification int8: built" in err
+    assert "export sequence-classification fp32: cached" in err and str(folder.relative_to(tmp_path)) in out
+    int8 = Manifest.load(folder).find("sequence-classification", "int8", "onnx")[0]
+    assert int8.details["calibration"]["size"] == 8 and int8.details["calibration"]["sequence"] == 128
+    code, out, err = cli("build", str(checkpoint), "--recipe", "seq-cls-int8", "--target", "onnx",
+                         "--calib-size", "8", "--init-missing-head", "0")
+    assert code == 0 and "no stage(s) rebuilt" in out and err.count("cached") == 3
+
+
+def test_cli_errors_are_one_line(tmp_path, example, cli):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('version = 1\ntask = "qa"\nprecision = "fp16"\nprofile = 3\n')
+    tolerant = tmp_path / "tolerant.toml"
+    tolerant.write_text('version = 1\ntask = "qa"\nprecision = "fp16"\n[tolerances]\nslack = 3\n')
+    for args, message in [(("--recipe", str(bad)), "unknown field 'profile'"),
+                          (("--recipe", str(tolerant)), "unknown tolerance 'slack'"),
+                          ((), "give --task"),
+                          (("--task", "qa", "--precision", "int4"), "unknown precision 'int4'"),
+                          (("--task", "qa", "--target", "onnx", "--out", str(tmp_path / "o")), "no '"
+                           "question-answering' head"),
+                          (("--task", "mlm", "--precision", "int8", "--target", "onnx", "--calib-text",
+                            str(tmp_path / "none.txt"), "--out", str(tmp_path / "o2")), "none.txt")]:
+        code, out, err = cli("build", str(example[0]), *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.onnx"))
+
+
+def test_recipes_command_lists_shipped_recipes(cli):
+    code, out, _ = cli("recipes")
+    assert code == 0
+    for name in ("qa-fp16", "qa-int8", "qa-fp8", "mlm-fp16", "seq-cls-int8"):
+        assert name in out
+
+
+@pytest.mark.tensorrt
+def test_engine_target_builds_and_runs(tmp_path, example):
+    from mbexport.engine import tensorrt_available, trt_runner
+
+    if not tensorrt_available():
+        pytest.skip("TensorRT is not installed (pip install tensorrt-cu12 from NVIDIA's index)")
+    import numpy as np
+
+    from mbexport.inputs import sample_batch
+    from mbexport.model import MegatronBertConfig
+    from mbexport.runtime import ort_session
+    from mbexport.tasks import get_task
+
+    checkpoint, vocab = example
+    out = tmp_path / "out"
+    result = build(checkpoint, replace(recipe("mlm", "fp16"), target="engine"), out_dir=out, vocab=vocab)
+    assert result.target == "engine"
+    plan = Manifest.load(out).find("masked-lm", "fp16", "engine")[0]
+    assert plan.details["tensorrt"] and plan.details["commands"]["trtexec"].startswith("trtexec --onnx=masked-lm/")
+    task = get_task("mlm")
+    feed = sample_batch(task, MegatronBertConfig.from_hf_dict(Manifest.load(out).config), 4, 32, seed=3)
+    expected = ort_session(out / "masked-lm" / "model.fp16.onnx").run(None, feed)[0]
+    with trt_runner(out / plan.path) as runner:
+        got = runner.infer(feed)["logits"]
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.99
+    assert os.path.getsize(out / plan.path) > 0 and np.isfinite(got).all()
