@@ -20,7 +20,9 @@ from mbexport.export import export
 export({src!r}, {task!r}, {out!r}, precisions=("fp32",))
 """
 
-# What a user would write: the model from transformers, the default torch.onnx.export, opset 17.
+# What a user would write: the model from transformers and torch.onnx.export with its defaults (the dynamo
+# exporter; in torch 2.13 it writes opset 20). Asking it for opset 17 gives a Split with opset 18's
+# num_outputs attribute, which ONNX Runtime refuses to load.
 TRANSFORMERS = """
 import torch, transformers
 model = transformers.MegatronBertForQuestionAnswering.from_pretrained({src!r}).eval()
@@ -29,7 +31,7 @@ names = ["input_ids", "attention_mask", "token_type_ids"]
 axes = {{name: {{0: "batch", 1: "sequence"}} for name in names + ["start_logits", "end_logits"]}}
 with torch.no_grad():
     torch.onnx.export(model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), {out!r}, input_names=names,
-                      output_names=["start_logits", "end_logits"], dynamic_axes=axes, opset_version=17)
+                      output_names=["start_logits", "end_logits"], dynamic_axes=axes)
 """
 
 
