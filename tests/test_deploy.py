@@ -118,6 +118,20 @@ def test_classify_and_top_tokens():
     assert [t for t, _ in postprocess.top_tokens(row, np.array([0]), 2, vocab_size=3)[0]] == [2, 1]
 
 
+def test_encoding_follows_bert_templates(artifacts):
+    pipeline = TextPipeline.for_artifacts(Manifest.load(artifacts[0]), "seq-cls", max_length=12)
+    feed = pipeline.encode({"text": ["paris is big", "rome"], "text_pair": ["", ""]})  # empty pair = single text
+    ids = [VOCAB.index(t) for t in ("[CLS]", "paris", "is", "big", "[SEP]")]
+    assert feed["input_ids"][0].tolist() == ids + [0] * 7 and feed["token_type_ids"].max() == 0
+    assert feed["attention_mask"].sum(axis=1).tolist() == [5, 3]
+    qa = TextPipeline.for_artifacts(Manifest.load(artifacts[0]), "qa", max_length=10)
+    feed = qa.encode({"question": ["what city"], "context": ["paris is the capital of france and big"]})
+    # Only the context is truncated: [CLS] what city [SEP] paris is the capital of [SEP]
+    assert feed["token_type_ids"][0].tolist() == [0] * 4 + [1] * 6 and feed["input_ids"][0, -1] == VOCAB.index("[SEP]")
+    with pytest.raises(MbexportError, match="needs text for 'context'"):
+        qa.encode({"question": ["what city"], "context": [""]})
+
+
 @pytest.mark.parametrize("name", list(TEXTS))
 def test_run_onnxruntime_answers_like_the_reference(artifacts, name):
     root, models = artifacts
