@@ -137,6 +137,40 @@ def test_engine_without_tensorrt_fails_before_any_work(tmp_path, qa_copy, exampl
     assert result.target == "onnx" and result.built == []
 
 
+def test_engine_stage_around_the_builder(qa_copy, monkeypatch):
+    """The pipeline's engine stage up to the TensorRT call: profiles checked against the model, the builder
+    called with the recipe's settings, the result recorded and cached. The builder is replaced by one that
+    writes a file (TensorRT cannot be installed here); test_engine_target_builds_and_runs covers the real one."""
+    from mbexport import engine, pipeline
+    from mbexport.model import MegatronBertConfig
+    from mbexport.tasks import get_task
+
+    calls = []
+
+    def fake_build(onnx_path, out_path, task, profiles, *, precision, settings, root):
+        calls.append((onnx_path, profiles, precision, settings, root))
+        out_path.write_bytes(b"plan")
+        return {"tensorrt": "11.0", "profiles": [p.as_dict(task) for p in profiles]}
+
+    monkeypatch.setattr(engine, "environment", lambda: {"tensorrt": "11.0", "gpu": "H100", "compute_capability": "9.0"})
+    monkeypatch.setattr(engine, "build_engine", fake_build)
+    manifest = Manifest.load(qa_copy)
+    config = MegatronBertConfig.from_hf_dict(manifest.config)
+    task = get_task("qa")
+    int8 = manifest.find(task.name, "int8", "onnx")[0]
+    run = pipeline._Run(manifest, pipeline.BuildResult(qa_copy, "engine"), lambda line: None)
+    plan = pipeline._engine(run, task, config, int8, recipe("qa", "int8"))
+    assert calls[0][0] == qa_copy / int8.path and calls[0][2] == "int8" and calls[0][4] == qa_copy
+    assert calls[0][1] == engine.default_profiles(config.max_position_embeddings)  # 128 positions: up to 128
+    assert calls[0][3].timing_cache == str(qa_copy / "timing.cache")
+    assert plan.path == "question-answering/model.int8.plan" and plan.details["made_from"]["sha256"] == int8.sha256
+    assert Manifest.load(qa_copy).find(task.name, "int8", "engine")[0].sha256 == plan.sha256
+    assert pipeline._engine(run, task, config, int8, recipe("qa", "int8")) == plan and len(calls) == 1  # cached
+    long = recipe("qa", "int8", profiles=(engine.Profile(sequence=(16, 128, 384)),))
+    with pytest.raises(MbexportError, match="max sequence 384 exceeds the model's 128 positions"):
+        pipeline._engine(run, task, config, int8, long)
+
+
 def test_cli_build_with_recipe_and_overrides(tmp_path, built, example, cli, monkeypatch):
     checkpoint, vocab = example
     monkeypatch.chdir(tmp_path)
