@@ -1,0 +1,126 @@
+"""fp32 ONNX -> Q/DQ ONNX with NVIDIA Model Optimizer, calibrated on the CPU.
+
+Placement is TensorRT's: symmetric per-channel weights and per-tensor activations on the encoder's
+MatMuls; nothing on Gather, Softmax or LayerNormalization; the task head (everything after the trunk's final
+LayerNorm: LM transform and decoder, pooler, classifier, span head) left in high precision. Model
+Optimizer chooses most of this itself; the head and LayerNorm's input (the residual stream, whose outliers
+grow with depth in a pre-LN model) are excluded here. ONNX Runtime's default ``quantize_static`` also
+quantizes Gather, LayerNorm and Softmax and costs the trained fixture most of its masked-LM accuracy.
+
+The high-precision part stays fp32 (``high_precision_dtype="fp32"``): measured on the trained fixture,
+Model Optimizer's fp16 conversion cost no accuracy but made ONNX Runtime, which validates these files on
+the CPU, several times slower; TensorRT builds either version the same way, running the fp32 remainder
+as written (strongly typed), so the fp16 variant is not what validation should see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from mbexport.errors import MbexportError, MissingDependencyError
+from mbexport.export.onnxfile import checked_onnx, external_data_name, save_model
+
+MODES = ("int8", "fp8")
+NOT_QUANTIZED = ("LayerNormalization", "Softmax", "Gather")
+METHODS = ("max", "entropy")
+HIGH_PRECISION = "fp32"
+
+
+def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "int8",
+                  calibration: list[dict[str, np.ndarray]], method: str = "max") -> Path:
+    """Write the ``mode`` (int8 or fp8) Q/DQ version of ``fp32_onnx`` to ``out_path`` (checked, atomic).
+
+    ``calibration`` is a list of feed dicts (see ``calibration_batches``); activation ranges are their
+    ``method`` statistic: ``max`` (absolute maximum) or ``entropy`` (KL-divergence threshold).
+    """
+    if mode not in MODES:
+        raise MbexportError(f"cannot quantize to '{mode}'; choose one of: {', '.join(MODES)}")
+    if method not in METHODS:
+        raise MbexportError(f"unknown calibration method '{method}'; choose one of: {', '.join(METHODS)}")
+    if not calibration:
+        raise MbexportError("no calibration batches", fp32_onnx)
+    fp32_onnx = Path(fp32_onnx)
+    if not fp32_onnx.is_file():
+        raise MbexportError("ONNX file not found", fp32_onnx)
+    quantize = _modelopt_quantize()
+    import onnx
+
+    with checked_onnx(out_path) as staged:
+        # Model Optimizer writes intermediate models beside its input: give it a private folder.
+        source = staged.parent / "source.onnx"
+        os.symlink(fp32_onnx.resolve(), source)
+        data = fp32_onnx.parent / external_data_name(fp32_onnx)
+        if data.exists():
+            os.symlink(data.resolve(), staged.parent / data.name)
+        quantized = staged.parent / "quantized.onnx"
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize(str(source), quantize_mode=mode, calibration_data_reader=_Batches(calibration),
+                         calibration_method=method, calibration_eps=["cpu"], high_precision_dtype=HIGH_PRECISION,
+                         op_types_to_exclude=list(NOT_QUANTIZED), nodes_to_exclude=head_nodes(fp32_onnx),
+                         output_path=str(quantized), log_level="CRITICAL")
+        except Exception as error:  # Model Optimizer raises assertions and its own types alike
+            raise MbexportError(f"Model Optimizer could not quantize it to {mode} "
+                                f"({str(error).splitlines()[0] if str(error) else type(error).__name__})",
+                                fp32_onnx) from error
+        # Re-saved so that large models get mbexport's external-data naming (Model Optimizer uses "_data").
+        save_model(onnx.load(str(quantized)), staged)
+    return Path(out_path)
+
+
+def head_nodes(onnx_path: str | Path) -> list[str]:
+    """Name patterns of every node after the trunk's final LayerNorm, found by the pre-LN structure.
+
+    Inside the trunk, each LayerNorm's input (the residual stream) also feeds the residual Add; the final
+    LayerNorm's input feeds only it. Everything downstream of that LayerNorm is the head.
+    """
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    final = next((n for n in graph.node if n.op_type == "LayerNormalization" and len(consumers[n.input[0]]) == 1),
+                 None)
+    if final is None:
+        raise MbexportError("no final LayerNormalization: not a pre-LN Megatron-BERT export", onnx_path)
+    head, frontier = {}, list(final.output)
+    while frontier:
+        for node in consumers.get(frontier.pop(), ()):
+            if node.name not in head:
+                head[node.name] = node
+                frontier += node.output
+    return [f"^{re.escape(name)}$" for name in head]
+
+
+class _Batches:
+    """The calibration data reader Model Optimizer expects (ONNX Runtime's protocol plus get_first/rewind)."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]):
+        self.batches = batches
+        self.rewind()
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def get_first(self) -> dict[str, np.ndarray]:
+        return self.batches[0]
+
+    def rewind(self) -> None:
+        self._iter = iter(self.batches)
+
+
+def _modelopt_quantize():
+    try:
+        from modelopt.onnx.quantization import quantize
+    except ImportError as error:
+        raise MissingDependencyError(f"INT8/FP8 quantization needs NVIDIA Model Optimizer ({error}); "
+                                     "install it with: pip install 'mbexport[quant]'") from None
+    return quantize
