@@ -173,6 +173,10 @@ def test_run_cli_json_and_errors(artifacts, cli, tmp_path):
     code, out, err = cli("run", str(root), "--task", "qa", "--backend", "tensorrt", "--question", "q",
                          "--context", "c")
     assert code == 2 and "TensorRT" in err
+    code, out, err = cli("run", str(root), "--task", "model", "--text", "paris")
+    assert code == 2 and "no text-in, answer-out pipeline for 'model'" in err
+    code, out, err = cli("run", str(root), "--task", "nsp", "--text", "paris", "--text-pair", "rome")
+    assert code == 2 and "no onnx artifact for next-sentence" in err and "PyTorch reference" in err
 
 
 def test_run_needs_a_vocab(artifacts, tmp_path):

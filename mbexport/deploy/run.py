@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from mbexport.deploy.pipeline import TextPipeline
+from mbexport.deploy.pipeline import TextPipeline, text_task
 from mbexport.engine import tensorrt_available, trt_runner
 from mbexport.errors import MbexportError
 from mbexport.manifest import Artifact, Manifest
@@ -32,6 +32,7 @@ def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backen
     """The answer for one example, plus which backend and artifact produced it."""
     manifest = Manifest.load(artifacts)
     task = get_task(task)
+    text_task(task)  # fail before loading anything for heads without a text pipeline
     infer, used, artifact = _backend(manifest, task, backend, precision, device)
     config = MegatronBertConfig.from_hf_dict(manifest.config)
     # An engine only accepts sequences inside its profiles: pad to the longest one, as Triton's tokenizer does.
@@ -55,8 +56,11 @@ def _backend(manifest: Manifest, task: Task, backend: str, precision: str | None
         if name == "pytorch":
             from mbexport.validate import load_reference  # on demand: it brings the checkpoint readers
 
-            model = load_reference(manifest, task)
-            return _torch_infer(model, task), name, None
+            try:
+                return _torch_infer(load_reference(manifest, task), task), name, None
+            except MbexportError as error:
+                reasons.append(f"PyTorch reference: {error}")
+                continue
         kind = "engine" if name == "tensorrt" else "onnx"
         if name == "tensorrt" and not tensorrt_available():
             reasons.append("TensorRT is not installed")
