@@ -285,7 +285,7 @@ def build_command(
     import warnings
     from pathlib import Path
 
-    from mbexport.errors import MbexportError
+    from mbexport.errors import MbexportError, ValidationFailed
     from mbexport.pipeline import build
     from mbexport.recipes import Recipe, load_recipe
 
@@ -301,8 +301,14 @@ def build_command(
     with warnings.catch_warnings():  # stages warn (seeded head, no calibration text): one plain line each
         warnings.showwarning = lambda message, *_: err_console.print(f"warning: {message}", highlight=False,
                                                                      markup=False, soft_wrap=True)
-        result = build(src, plan, vocab=vocab, init_missing_head=init_missing_head, device=device,
-                       log=lambda line: err_console.print(line, highlight=False, markup=False))
+        try:
+            result = build(src, plan, vocab=vocab, init_missing_head=init_missing_head, device=device,
+                           log=lambda line: err_console.print(line, highlight=False, markup=False))
+        except ValidationFailed as error:
+            console.print(error.report.table())
+            raise
+    if result.report is not None:
+        console.print(result.report.table())
     console.print(f"{result.out_dir}: {plan.task} {plan.precision} ({result.target}); "
                   f"{len(result.built) or 'no'} stage(s) rebuilt; report in {result.out_dir / 'validation.md'}",
                   highlight=False, soft_wrap=True)
