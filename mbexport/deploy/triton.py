@@ -44,7 +44,7 @@ def write_repository(artifacts: str | Path, repo: str | Path, *, tasks: list[str
     """Write (or replace) the model repository ``repo``; returns the model names in it."""
     manifest = Manifest.load(artifacts)
     repo = Path(repo)
-    if repo.exists() and any(repo.iterdir()) and not (repo / MARKER).is_file():
+    if repo.exists() and (not repo.is_dir() or any(repo.iterdir()) and not (repo / MARKER).is_file()):
         raise MbexportError("exists and was not written by mbexport triton; choose an empty or new folder", repo)
     if instances < 1 or (max_batch is not None and max_batch < 1):
         raise MbexportError("--instances and --max-batch must be at least 1")
