@@ -289,6 +289,8 @@ def build_command(
     from mbexport.pipeline import build
     from mbexport.recipes import Recipe, load_recipe
 
+    if device not in ("cpu", "cuda", "auto"):
+        raise MbexportError(f"unknown device '{device}' (cpu, cuda, auto)")
     if recipe is not None:
         base = load_recipe(recipe)
     elif task is not None:

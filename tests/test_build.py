@@ -196,6 +196,7 @@ def test_cli_errors_are_one_line(tmp_path, example, cli):
     for args, message in [(("--recipe", str(bad)), "unknown field 'profile'"),
                           (("--recipe", str(tolerant)), "unknown tolerance 'slack'"),
                           ((), "give --task"),
+                          (("--task", "qa", "--device", "gpu"), "unknown device 'gpu'"),
                           (("--task", "qa", "--precision", "int4"), "unknown precision 'int4'"),
                           (("--task", "qa", "--target", "onnx", "--out", str(tmp_path / "o")), "no '"
                            "question-answering' head"),
