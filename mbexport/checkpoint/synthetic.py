@@ -147,7 +147,7 @@ def _stages(rank: dict, layers: int, pp: int, virtual: int) -> dict[tuple[int, i
 
 
 def _legacy_key(name: str, era: str) -> str:
-    layer, rest = names.split_layer(name)
+    layer, _ = names.split_layer(name)
     if era != "2020" and layer is not None:
         name = name.replace(".attention.", ".self_attention.")
     if era == "2023":
