@@ -7,7 +7,7 @@ else ONNX Runtime, else the PyTorch reference), and postprocess with the same co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -24,8 +24,6 @@ BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
 # is both the fastest and the exact one.
 PREFERENCE = {"tensorrt": ("fp16", "fp8", "int8", "fp32"), "onnxruntime": ("fp32", "fp16", "int8", "fp8")}
 
-Infer = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-
 
 def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backend: str = "auto",
            precision: str | None = None, vocab: str | Path | None = None, top_k: int = 5, device: str = "cpu") -> dict:
@@ -33,31 +31,33 @@ def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backen
     manifest = Manifest.load(artifacts)
     task = get_task(task)
     text_task(task)  # fail before loading anything for heads without a text pipeline
-    infer, used, artifact = _backend(manifest, task, backend, precision, device)
+    runner, used, artifact = _backend(manifest, task, backend, precision, device)
     config = MegatronBertConfig.from_hf_dict(manifest.config)
     # An engine only accepts sequences inside its profiles: pad to the longest one, as Triton's tokenizer does.
     max_length = (max(p["sequence"][2] for p in artifact.details["profiles"]) if used == "tensorrt"
                   else min(512, config.max_position_embeddings))
     pipeline = TextPipeline.for_artifacts(manifest, task, vocab=vocab, max_length=max_length, top_k=top_k)
     feed = pipeline.encode({field: [text] for field, text in texts.items()}, pad_to_max=used == "tensorrt")
-    outputs = infer(feed)
+    with runner:
+        outputs = {name: np.asarray(value) for name, value in runner.infer(feed).items()}
     result = pipeline.answers(feed, outputs)[0]
     return {"task": task.name, "backend": used, "precision": artifact.precision if artifact else "fp32",
             "artifact": artifact.path if artifact else None, **result}
 
 
 def _backend(manifest: Manifest, task: Task, backend: str, precision: str | None, device: str
-             ) -> tuple[Infer, str, Artifact | None]:
+             ) -> tuple[object, str, Artifact | None]:
+    """A Polygraphy runner for the first usable backend, its name, and the artifact it runs."""
     if backend not in ("auto", *BACKENDS):
         raise MbexportError(f"unknown backend '{backend}' (choose auto, {', '.join(BACKENDS)})")
     candidates = BACKENDS if backend == "auto" else (backend,)
     reasons = []
     for name in candidates:
         if name == "pytorch":
-            from mbexport.validate import load_reference  # on demand: it brings the checkpoint readers
+            from mbexport.validate import TorchRunner, load_reference  # on demand: brings the checkpoint readers
 
             try:
-                return _torch_infer(load_reference(manifest, task), task), name, None
+                return TorchRunner(load_reference(manifest, task)), name, None
             except MbexportError as error:
                 reasons.append(f"PyTorch reference: {error}")
                 continue
@@ -73,8 +73,11 @@ def _backend(manifest: Manifest, task: Task, backend: str, precision: str | None
         if problem:
             raise MbexportError(problem, manifest.root)
         path = manifest.path_of(found)
-        infer = _trt_infer(path) if name == "tensorrt" else _ort_infer(path, task, device)
-        return infer, name, found
+        if name == "tensorrt":
+            return trt_runner(path), name, found
+        from polygraphy.backend.onnxrt import OnnxrtRunner
+
+        return OnnxrtRunner(lambda: ort_session(path, device)), name, found
     raise MbexportError(f"no backend can run '{task.name}' ({'; '.join(reasons)})", manifest.root)
 
 
@@ -84,30 +87,3 @@ def _pick(manifest: Manifest, task: Task, kind: str, precision: str | None, orde
     if precision is not None:
         return found.get(precision)
     return next((found[p] for p in order if p in found), None)
-
-
-def _ort_infer(path: Path, task: Task, device: str) -> Infer:
-    session = ort_session(path, device)
-
-    def infer(feed):
-        return dict(zip(task.output_names, session.run(task.output_names, feed)))
-    return infer
-
-
-def _trt_infer(path: Path) -> Infer:
-    runner = trt_runner(path)
-
-    def infer(feed):
-        with runner:
-            return {name: np.asarray(value) for name, value in runner.infer(feed).items()}
-    return infer
-
-
-def _torch_infer(model, task: Task) -> Infer:
-    import torch
-
-    def infer(feed):
-        with torch.no_grad():
-            outputs = model(*(torch.from_numpy(feed[name]) for name in task.input_names))
-        return {name: out.float().numpy() for name, out in zip(task.output_names, outputs)}
-    return infer
