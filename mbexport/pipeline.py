@@ -28,7 +28,7 @@ from mbexport.model import MegatronBertConfig
 from mbexport.quantize import calibration_batches, quantize_onnx
 from mbexport.recipes import Recipe
 from mbexport.tasks import Task, get_task
-from mbexport.validate import tolerances_for, validate
+from mbexport.validate import Report, tolerances_for, validate
 
 OPSET = 17
 VALIDATION_CACHE = ".validation-key.json"  # the key of the artifacts validation.json was computed from
@@ -39,7 +39,7 @@ class BuildResult:
     out_dir: Path
     target: str
     steps: list[tuple[str, str]] = field(default_factory=list)  # (stage, "built in 1.2 s" | "cached")
-    report: object = None  # validate's Report, None when validation was cached
+    report: Report | None = None  # None when validation was cached
 
     @property
     def built(self) -> list[str]:

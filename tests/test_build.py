@@ -127,6 +127,14 @@ def test_tampered_or_unrecorded_files_are_rebuilt(qa_copy, example):
     assert build(checkpoint, recipe("qa", "fp16"), out_dir=qa_copy, init_missing_head=0).built == rebuilt
 
 
+def test_another_checkpoint_is_refused_not_mixed(qa_copy, tmp_path):
+    other, _ = make_example(tmp_path / "other", seed=1)
+    before = mtimes(qa_copy)
+    with pytest.raises(MbexportError, match="another checkpoint"):
+        build(other, recipe("qa", "fp16"), out_dir=qa_copy, init_missing_head=0)
+    assert mtimes(qa_copy) == before
+
+
 def test_engine_without_tensorrt_fails_before_any_work(tmp_path, qa_copy, example, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(MissingDependencyError, match="tensorrt-cu12.*--target onnx"):
