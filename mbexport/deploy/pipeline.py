@@ -1,7 +1,8 @@
 """Text in, answers out for one head: the tokenization and answer extraction that ``mbexport run`` and the
 Triton ensemble's Python models share, so the answer a server returns is the one tested here.
 
-Triton's Python backend imports this module: it needs numpy, tokenizers and the registry, nothing heavier.
+Triton's Python backend imports this module, so mbexport must be installed in the serving container (the
+registry's import of ``mbexport.model`` brings PyTorch along; nothing here runs it).
 """
 
 from __future__ import annotations
