@@ -17,7 +17,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from mbexport.model import MegatronBertConfig  # noqa: F401  (imports the registry's dependencies first)
 from mbexport.engine import (EngineSettings, Profile, build_engine, check_gpu, check_profiles, command_lines,
                              default_profiles, loaders, make_profile, tensorrt_available, trt_runner)
 from mbexport.engine import build as engine_build

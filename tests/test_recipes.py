@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from mbexport.model import MegatronBertConfig  # noqa: F401  (imports the registry's dependencies first)
 from mbexport.engine import EngineSettings, Profile, check_profiles
 from mbexport.errors import MbexportError
 from mbexport.recipes import RECIPES_DIR, Calibration, find_recipe, load_recipe, shipped_recipes
