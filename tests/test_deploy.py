@@ -187,31 +187,6 @@ def test_run_needs_a_vocab(artifacts, tmp_path):
         answer(root, "seq-cls", {"text": "paris"})
 
 
-def test_builtin_example_answers_on_every_backend_here(tmp_path, cli):
-    """The issue's done-when: the built-in example, exported for QA, answers from text on the CPU with ONNX
-    Runtime exactly as the PyTorch reference (rebuilt by validate from the checkpoint and the seeded head)."""
-    from mbexport.checkpoint.synthetic import make_example
-    from mbexport.export import export
-
-    checkpoint, vocab = make_example(tmp_path / "checkpoint")
-    out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="no qa_outputs"):
-        export(checkpoint, "qa", out, init_missing_head=0, vocab=vocab)
-    args = ("run", str(out), "--task", "qa", "--question", "where do people work?",
-            "--context", "the city is a place where many people work and the house is a home.", "--json")
-    results = {}
-    for backend in ("onnxruntime", "pytorch"):
-        code, stdout, stderr = cli(*args, "--backend", backend)
-        assert code == 0, stderr
-        results[backend] = json.loads(stdout)
-    ort, torch_answer = results["onnxruntime"], results["pytorch"]
-    assert (ort["answer"], ort["start_token"], ort["end_token"]) == (
-        torch_answer["answer"], torch_answer["start_token"], torch_answer["end_token"])
-    assert ort["answer"] and ort["score"] == pytest.approx(torch_answer["score"], rel=1e-4)
-    assert cli("triton", str(out), "--repo", str(tmp_path / "repo"))[0] == 0
-    assert (tmp_path / "repo" / "question-answering-fp32-text" / "config.pbtxt").is_file()
-
-
 @pytest.mark.tensorrt
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
                     reason="TensorRT is not installed (it cannot be on the CPU machines)")
