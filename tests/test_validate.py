@@ -143,11 +143,13 @@ def test_an_engine_is_skipped_without_tensorrt(folder):
     plan = folder / "masked-lm" / "model.fp16.plan"
     plan.write_bytes(b"not an engine; never loaded here")
     manifest = Manifest.load(folder)
-    manifest.record(TASKS["masked-lm"], "fp16", "engine", plan)
+    manifest.record(TASKS["masked-lm"], "fp16", "engine", plan, profiles=[{"batch": [1, 2, 2], "sequence": [8, 16, 32]}])
     manifest.save()
     report = validate(folder, tasks=["mlm"])
     engine = next(a for a in report.artifacts if a.kind == "engine")
     assert engine.status == "skipped" and "TensorRT" in engine.skipped and report.passed
+    onnx_fp16 = next(a for a in report.artifacts if a.kind == "onnx" and a.precision == "fp16")
+    assert [i["input_ids"] for i in onnx_fp16.inputs] == [[1, 16], [2, 32], [2, 32]]  # inside the engine's profile
 
 
 @pytest.mark.tensorrt

@@ -19,6 +19,7 @@ class ArtifactResult:
     tolerances: dict = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
     skipped: str | None = None  # why it was not run (e.g. no TensorRT here); not a failure
+    inputs: list[dict] = field(default_factory=list)  # the feeds' shapes, after fitting engine profiles
 
     @property
     def passed(self) -> bool:
@@ -31,14 +32,14 @@ class ArtifactResult:
     def as_dict(self) -> dict:
         return {"task": self.task, "precision": self.precision, "kind": self.kind, "path": self.path,
                 "sha256": self.sha256, "status": self.status, "skipped": self.skipped,
-                "tolerances": self.tolerances, "checks": [c.as_dict() for c in self.checks]}
+                "tolerances": self.tolerances, "inputs": self.inputs, "checks": [c.as_dict() for c in self.checks]}
 
 
 @dataclass
 class Report:
     root: Path
     device: str
-    shapes: list[dict]  # the feeds every artifact ran on
+    shapes: list[dict]  # the nominal feeds; each artifact lists the shapes it really ran
     artifacts: list[ArtifactResult] = field(default_factory=list)
 
     @property

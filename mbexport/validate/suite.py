@@ -85,9 +85,11 @@ def validate_task(manifest: Manifest, task: Task, artifacts: list[Artifact], *, 
         return results
     config = MegatronBertConfig.from_hf_dict(manifest.config)
     vocab = next((manifest.path_of(a) for a in manifest.find(kind="vocab") if manifest.verify(a) is None), None)
-    feeds = [sample_batch(task, config, batch, min(sequence, config.max_position_embeddings), seed=i,
-                          num_choices=NUM_CHOICES, vocab=vocab, all_padding_row=padding)
+    fit = _fitter(config, [a for a in artifacts if a.kind == "engine"])
+    feeds = [sample_batch(task, config, fit("batch", batch), fit("sequence", sequence), seed=i,
+                          num_choices=fit("num_choices", NUM_CHOICES), vocab=vocab, all_padding_row=padding)
              for i, (batch, sequence, padding) in enumerate(SHAPES)]
+    shapes = [{name: list(array.shape) for name, array in feed.items()} for feed in feeds]
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         reference = _run(TorchRunner(load_reference(manifest, task)), feeds)
         for result in candidates:
@@ -102,7 +104,23 @@ def validate_task(manifest: Manifest, task: Task, artifacts: list[Artifact], *, 
                 result.checks.append(Check("-", "run", False, {"problem": str(error).splitlines()[0][:300]}))
                 continue
             result.checks += compare(task, feeds, reference, outputs, result.tolerances)
+            result.inputs = shapes
     return results
+
+
+def _fitter(config: MegatronBertConfig, engines: list[Artifact]):
+    """Clamp a dim to the position limit and to every engine's first optimization profile."""
+    limits = {"sequence": (1, config.max_position_embeddings)}
+    for engine in engines:
+        for dim, (low, _, high) in (engine.details.get("profiles") or [{}])[0].items():
+            old_low, old_high = limits.get(dim, (1, high))
+            limits[dim] = (max(low, old_low), min(high, old_high))
+
+    def fit(dim: str, value: int) -> int:
+        low, high = limits.get(dim, (1, value))
+        return min(max(value, low), high)
+
+    return fit
 
 
 def _integrity(manifest: Manifest, artifact: Artifact, overrides: dict | None) -> ArtifactResult:
