@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from rich.console import Console
 
@@ -27,26 +26,14 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point. Usage errors, --help and typer.Exit are handled by click itself."""
     try:
-        exit_code = app(args=argv, standalone_mode=False)  # commands end with typer.Exit(code) or None
+        app(args=argv, standalone_mode=True)
     except MbexportError as error:
         if _state["debug"]:
             raise
         err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
-    except click.ClickException as error:  # usage errors
-        error.show()
-        sys.exit(error.exit_code)
-    except click.Abort:
-        sys.exit(130)
-    sys.exit(exit_code if isinstance(exit_code, int) else 0)
-
-
-# Commands are registered below, one block per pipeline stage.
 
 
 # ---- convert / inspect -----------------------------------------------------------------------------------------
