@@ -141,6 +141,10 @@ def test_example_converts_with_tokenizer_and_inspects(tmp_path, cli):
     config = json.loads((tmp_path / "hf/config.json").read_text())
     assert (config["model_type"], config["layer_norm_eps"], config["vocab_size"]) == ("megatron-bert", 1e-5, 384)
     assert config["num_attention_heads"] == 4
+    code, _, err = cli("convert", str(archive), "--out", str(tmp_path / "cased"), "--vocab", str(vocab),
+                       "--no-lowercase")
+    assert code == 0, err
+    assert json.loads((tmp_path / "cased/tokenizer_config.json").read_text())["do_lower_case"] is False
     code, out, _ = cli("inspect", str(archive), "--json")
     report = json.loads(out)
     assert code == 0 and report["format"] == "ngc-zip" and report["vocab"]["padded"] == 384
