@@ -1,11 +1,12 @@
 """fp32 ONNX -> Q/DQ ONNX with NVIDIA Model Optimizer, calibrated on the CPU.
 
 Placement is TensorRT's: symmetric per-channel weights and per-tensor activations on the encoder's
-MatMuls; nothing on Gather, Softmax or LayerNormalization; the task head (everything after the trunk's final
-LayerNorm: LM transform and decoder, pooler, classifier, span head) left in high precision. Model
-Optimizer chooses most of this itself; the head and LayerNorm's input (the residual stream, whose outliers
-grow with depth in a pre-LN model) are excluded here. ONNX Runtime's default ``quantize_static`` also
-quantizes Gather, LayerNorm and Softmax and costs the trained fixture most of its masked-LM accuracy.
+MatMuls and nothing else: not Gather, Softmax or LayerNormalization, not the residual stream (Model
+Optimizer would put Q/DQ on residual Adds, so LayerNorm would read int8 values of a stream whose outliers
+grow with depth in a pre-LN model), not the task head (everything after the trunk's final LayerNorm: LM
+transform and decoder, pooler, classifier, span head). Model Optimizer itself leaves attention's two
+batched MatMuls in high precision here. ONNX Runtime's default ``quantize_static`` quantizes Gather,
+LayerNorm and Softmax too and costs the trained fixture most of its masked-LM accuracy.
 
 The high-precision part stays fp32 (``high_precision_dtype="fp32"``): measured on the trained fixture,
 Model Optimizer's fp16 conversion cost no accuracy but made ONNX Runtime, which validates these files on
@@ -27,7 +28,6 @@ from mbexport.errors import MbexportError, MissingDependencyError
 from mbexport.export.onnxfile import checked_onnx, external_data_name, save_model
 
 MODES = ("int8", "fp8")
-NOT_QUANTIZED = ("LayerNormalization", "Softmax", "Gather")
 METHODS = ("max", "entropy")
 HIGH_PRECISION = "fp32"
 
@@ -49,6 +49,7 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
     if not fp32_onnx.is_file():
         raise MbexportError("ONNX file not found", fp32_onnx)
     quantize = _modelopt_quantize()
+    head = head_nodes(fp32_onnx)
     import onnx
 
     with checked_onnx(out_path) as staged:
@@ -63,7 +64,7 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
             with contextlib.redirect_stdout(io.StringIO()):
                 quantize(str(source), quantize_mode=mode, calibration_data_reader=_Batches(calibration),
                          calibration_method=method, calibration_eps=["cpu"], high_precision_dtype=HIGH_PRECISION,
-                         op_types_to_exclude=list(NOT_QUANTIZED), nodes_to_exclude=head_nodes(fp32_onnx),
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=head,
                          output_path=str(quantized), log_level="CRITICAL")
         except Exception as error:  # Model Optimizer raises assertions and its own types alike
             raise MbexportError(f"Model Optimizer could not quantize it to {mode} "
@@ -82,7 +83,10 @@ def head_nodes(onnx_path: str | Path) -> list[str]:
     """
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise MbexportError(f"not an ONNX model ({str(error).splitlines()[0]})", onnx_path) from None
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:

@@ -1,0 +1,186 @@
+"""Quantization: Q/DQ placement, agreement with the reference, calibration batches, and error paths.
+
+The tiny built-in example (hidden 64, 2 layers, 4 heads) with a seeded QA head is exported, quantized to
+INT8 and FP8 with Model Optimizer and checked against the PyTorch reference by ``validate`` in ONNX Runtime
+(exact Q/DQ emulation). Accuracy on a trained model is in test_accuracy_trained.py.
+"""
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from mbexport.checkpoint.synthetic import example_config, make_example
+from mbexport.errors import MbexportError, MissingDependencyError
+from mbexport.export import export
+from mbexport.inputs import sample_batch
+from mbexport.quantize import calibration_batches, quantize_onnx
+from mbexport.tasks import get_task
+from mbexport.text import encode, load_tokenizer
+from mbexport.validate import validate_artifact
+
+QA = get_task("qa")
+LINES = [f"the {w} of line {i} was read by the model" for i, w in enumerate(
+    "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth".split())]
+needs_modelopt = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("modelopt") is None,
+    reason="NVIDIA Model Optimizer is not installed (pip install 'mbexport[quant]')")
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("example")
+    checkpoint, vocab = make_example(folder, seed=0)
+    text = folder / "calib.txt"
+    text.write_text("\n".join(LINES) + "\n")
+    return checkpoint, vocab, text
+
+
+@pytest.fixture(scope="module")
+def quantized(example, tmp_path_factory):
+    """The QA export's manifest, with int8 and fp8 files calibrated on text and recorded beside fp32."""
+    checkpoint, vocab, text = example
+    with pytest.warns(UserWarning, match="qa_outputs"):  # the example has no QA head: seeded
+        manifest = export(checkpoint, QA, tmp_path_factory.mktemp("qa") / "out", vocab=vocab, init_missing_head=0)
+    fp32 = manifest.path_of(manifest.find(QA.name, "fp32", "onnx")[0])
+    batches = calibration_batches(QA, example_config(len(vocab.read_text().split())), text=text, vocab=vocab,
+                                  size=8, sequence=32)
+    for mode in ("int8", "fp8"):
+        path = quantize_onnx(fp32, fp32.parent / f"model.{mode}.onnx", mode=mode, calibration=batches)
+        manifest.record(QA, mode, "onnx", path)
+    manifest.save()
+    return manifest
+
+
+@needs_modelopt
+@pytest.mark.parametrize("mode, zero_point", [("int8", "int8"), ("fp8", "float8_e4m3fn")])
+def test_qdq_placement_is_tensorrts(quantized, mode, zero_point):
+    model = onnx.load(str(quantized.path_of(quantized.find(QA.name, mode, "onnx")[0])))
+    graph = model.graph
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    producer = {out: node for node in graph.node for out in node.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+    def constant(name):  # an initializer, possibly transposed by the graph
+        node = producer.get(name)
+        return name in inits or (node is not None and node.op_type == "Transpose" and constant(node.input[0]))
+
+    weights = 0
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            assert node.op_type == "MatMul", f"{node.op_type} {node.name} reads a quantized tensor"
+            scale, zero = inits[dq.input[1]], inits[dq.input[2]]
+            assert not zero.astype(np.float32).any() and zero.dtype.name == zero_point, "symmetric"
+            if constant(producer[dq.input[0]].input[0]):  # weight: one scale per output column
+                weights += 1
+                assert index == 1 and scale.shape in ((64,), (256,))
+                assert [a.i for a in dq.attribute if a.name == "axis"] == [1]
+            else:  # activation: one scale per tensor
+                assert scale.shape == ()
+    assert weights == 6 * 2  # Q, K, V, attention output, FFN in and out, in each of the 2 layers
+    final_norm = [n for n in graph.node if n.op_type == "LayerNormalization"][-1]
+    head = [n for n in graph.node if final_norm.output[0] in n.input]
+    assert [n.op_type for n in head] == ["MatMul"] and not any(
+        producer.get(x) is not None and producer[x].op_type == "DequantizeLinear" for x in head[0].input)
+
+
+@needs_modelopt
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantized_qa_agrees_with_the_reference(quantized, mode):
+    result = validate_artifact(quantized, quantized.find(QA.name, mode, "onnx")[0])
+    assert result.passed, [c.as_dict() for c in result.checks if not c.passed]
+    agreement = {c.output: c.numbers["agreement"] for c in result.checks if c.check == "argmax"}
+    assert set(agreement) == {"start_logits", "end_logits"}
+    assert min(agreement.values()) >= 0.9, agreement
+
+
+@needs_modelopt
+def test_not_an_onnx_file_is_refused(tmp_path):
+    bad = tmp_path / "model.fp32.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(MbexportError, match="model.fp32.onnx: not an ONNX model"):
+        quantize_onnx(bad, tmp_path / "model.int8.onnx", calibration=[{}])
+
+
+@needs_modelopt
+def test_a_failed_quantization_leaves_nothing_behind(quantized, tmp_path):
+    fp32 = quantized.path_of(quantized.find(QA.name, "fp32", "onnx")[0])
+    out = tmp_path / "out" / "model.int8.onnx"
+    wrong = {"input_ids": np.full((2, 8), 5, np.int64)}  # the model needs three inputs
+    with pytest.raises(MbexportError, match="model.fp32.onnx: Model Optimizer could not quantize it to int8"):
+        quantize_onnx(fp32, out, calibration=[wrong])
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mode": "int4"}, "cannot quantize to 'int4'"),
+    ({"method": "percentile"}, "unknown calibration method"),
+    ({"calibration": []}, "no calibration batches"),
+])
+def test_bad_arguments_are_refused(tmp_path, kwargs, message):
+    arguments = {"mode": "int8", "calibration": [{"input_ids": np.zeros((1, 4), np.int64)}], **kwargs}
+    with pytest.raises(MbexportError, match=message):
+        quantize_onnx(tmp_path / "model.fp32.onnx", tmp_path / "model.int8.onnx", **arguments)
+
+
+def test_missing_input_file_is_named(tmp_path):
+    with pytest.raises(MbexportError, match="model.fp32.onnx: ONNX file not found"):
+        quantize_onnx(tmp_path / "model.fp32.onnx", tmp_path / "q.onnx", calibration=[{}])
+
+
+def test_missing_model_optimizer_says_how_to_install(tmp_path, monkeypatch):
+    source = tmp_path / "model.fp32.onnx"
+    source.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "modelopt.onnx.quantization", None)  # import now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install 'mbexport\[quant\]'"):
+        quantize_onnx(source, tmp_path / "q.onnx", calibration=[{}])
+
+
+def test_text_calibration_is_the_vocab_encoding_of_seeded_lines(example):
+    _, vocab, text = example
+    config = example_config(len(vocab.read_text().split()))
+    full = encode(load_tokenizer(vocab), LINES, max_length=32)
+    every = calibration_batches(QA, config, text=text, vocab=vocab, size=len(LINES), sequence=32)
+    width = every[0]["input_ids"].shape[1]
+    assert len(every) == 1 and width == full["attention_mask"].sum(axis=1).max() < 32  # padded to the longest
+    assert all(np.array_equal(every[0][k], full[k][:, :width]) for k in QA.input_names)
+
+    def picked(seed):
+        ids = calibration_batches(QA, config, text=text, vocab=vocab, size=5, sequence=32, seed=seed)[0]["input_ids"]
+        return [int(np.flatnonzero((full["input_ids"][:, :ids.shape[1]] == row).all(axis=1))[0]) for row in ids]
+
+    assert picked(3) == picked(3) == sorted(picked(3)) and len(set(picked(3))) == 5
+    assert picked(3) != picked(4)
+
+
+def test_text_calibration_takes_every_line_when_there_are_few_and_pairs_choices(example):
+    _, vocab, text = example
+    config = example_config(len(vocab.read_text().split()))
+    batches = calibration_batches(QA, config, text=text, vocab=vocab, size=100, sequence=16)
+    assert sum(len(b["input_ids"]) for b in batches) == len(LINES)
+    choices = calibration_batches("multiple-choice", config, text=text, vocab=vocab, size=100, sequence=16)
+    assert [b["input_ids"].shape[:2] for b in choices] == [(len(LINES) // 2, 2)]
+
+
+def test_without_text_it_warns_and_uses_seeded_sample_batches():
+    config = example_config(512)
+    with pytest.warns(UserWarning, match="not represented"):
+        batches = calibration_batches(QA, config, size=20, sequence=24, seed=5)
+    assert [len(b["input_ids"]) for b in batches] == [16, 4]
+    expected = sample_batch(QA, config, 16, 24, seed=5)
+    assert all(np.array_equal(batches[0][k], expected[k]) for k in QA.input_names)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"size": 0}, "at least 1"),
+    ({"sequence": 4096}, "sequence length must be"),
+    ({"text": "calib.txt"}, "needs the checkpoint's vocab"),
+])
+def test_bad_calibration_settings_are_refused(kwargs, message):
+    with pytest.raises(MbexportError, match=message):
+        calibration_batches(QA, example_config(512), **kwargs)
