@@ -211,7 +211,10 @@ def merge_shards(shards: list[Shard], heads: int) -> dict[str, torch.Tensor]:
     versions = {str(s.version) for s in shards}
     if len(versions) > 1:
         raise CheckpointError(f"shards disagree on checkpoint_version ({', '.join(sorted(versions))})", shards[0].file)
-    layout = "nsd" if shards[0].mcore else qkv_layout(shards[0].version)
+    try:
+        layout = "nsd" if shards[0].mcore else qkv_layout(shards[0].version)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"unknown checkpoint_version {shards[0].version!r}", shards[0].file) from None
     ranks = [_join_stages([s for s in shards if s.tp == t], pp) for t in range(tp)]
     if heads % tp:
         raise CheckpointError(f"{heads} attention heads cannot be split over {tp} tensor-parallel ranks "
