@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +163,14 @@ def _precision(run: _Run, task: Task, config: MegatronBertConfig, fp32: Artifact
     def make(path: Path) -> dict:
         batches = calibration_batches(task, config, text=calib.text, vocab=vocab, size=calib.size,
                                       sequence=calib.sequence)
-        quantize_onnx(fp32_path, path, mode=recipe.precision, calibration=batches, method=calib.method)
+        # Model Optimizer rewrites the model it reads (shape inference in place, through quantize_onnx's
+        # symlink): it gets a private copy, so the recorded fp32 artifact stays as its sha256 says.
+        with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp:
+            for name in (fp32_path.name, external_data_name(fp32_path)):
+                if (fp32_path.parent / name).is_file():
+                    shutil.copyfile(fp32_path.parent / name, Path(tmp) / name)
+            quantize_onnx(Path(tmp) / fp32_path.name, path, mode=recipe.precision, calibration=batches,
+                          method=calib.method)
         return {"calibration": {"text": str(calib.text) if calib.text else None, "size": calib.size,
                                 "method": calib.method, "sequence": calib.sequence}}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mbexport.checkpoint.synthetic import make_example
-from mbexport.errors import MbexportError, MissingDependencyError
+from mbexport.errors import MbexportError, MissingDependencyError, ValidationFailed
 from mbexport.manifest import Manifest
 from mbexport.pipeline import build
 from mbexport.recipes import Calibration, Recipe
@@ -125,6 +125,26 @@ def test_tampered_or_unrecorded_files_are_rebuilt(qa_copy, example):
     manifest.artifacts = [a for a in manifest.artifacts if a.precision != "fp16"]  # renamed, never recorded
     manifest.save()
     assert build(checkpoint, recipe("qa", "fp16"), out_dir=qa_copy, init_missing_head=0).built == rebuilt
+
+
+def test_failed_validation_is_not_cached(qa_copy, example, cli):
+    checkpoint, _ = example
+    strict = recipe("qa", "fp16", tolerances={"fp16.atol": 0.0, "fp16.rtol": 0.0})  # fp16 cannot be exact
+    with pytest.raises(ValidationFailed, match="model.fp16.onnx"):
+        build(checkpoint, strict, out_dir=qa_copy, init_missing_head=0)
+    report = json.loads((qa_copy / "validation.json").read_text())
+    assert not report["passed"]
+    strict_toml = qa_copy.parent / "strict.toml"
+    strict_toml.write_text('version = 1\ntask = "qa"\nprecision = "fp16"\ntarget = "onnx"\n'
+                           '[tolerances.fp16]\natol = 0.0\nrtol = 0.0\n')
+    code, out, err = cli("build", str(checkpoint), "--recipe", str(strict_toml), "--out", str(qa_copy),
+                         "--init-missing-head", "0")
+    assert code == 1 and "FAIL" in out and "failed validation" in err  # the table, then one line
+    again = build(checkpoint, recipe("qa", "fp16"), out_dir=qa_copy, init_missing_head=0)
+    assert again.built == ["validate"] and again.report.passed  # the failed runs left nothing to trust
+    code, out, err = cli("build", str(checkpoint), "--task", "qa", "--precision", "fp16", "--out", str(qa_copy),
+                         "--init-missing-head", "0", "--target", "onnx")
+    assert code == 0 and "no stage(s) rebuilt" in out, err
 
 
 def test_another_checkpoint_is_refused_not_mixed(qa_copy, tmp_path):
