@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mbexport.model  # noqa: F401  # before mbexport.tasks: importing tasks first trips the tasks <-> model cycle
 from mbexport.errors import MbexportError
 from mbexport.tasks import DYNAMIC_DIMS, Task
 
