@@ -91,11 +91,25 @@ def inspect_command(
     table = Table(title=str(ckpt.path), show_header=False)
     for key, value in report.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
+            value = ", ".join(f"{k}={'unknown' if v is None else v}" for k, v in value.items())
         elif isinstance(value, list):
             value = ", ".join(value)
         table.add_row(key, "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value))
     console.print(table)
+
+
+@app.command("example")
+def example_command(
+    out: str = typer.Argument("artifacts/example", help="Folder to write the example checkpoint and vocab into."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+):
+    """Write the built-in example: a tiny random Megatron-BERT as an NGC-layout zip, and its vocab.txt."""
+    from mbexport.checkpoint.synthetic import make_example
+
+    zip_path, vocab = make_example(out, seed=seed)
+    console.print(f"{zip_path}\n{vocab}", highlight=False, soft_wrap=True)
+
+
 # ---- end convert / inspect -------------------------------------------------------------------------------------
 
 

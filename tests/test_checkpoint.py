@@ -98,7 +98,7 @@ def test_args_less_checkpoint_guesses_heads_from_hidden(tmp_path, megatron_bert)
     ckpt = load_checkpoint(write_ngc_zip(tmp_path / "ngc.zip", megatron_bert.state_dict, megatron_bert.config))
     assert ckpt.config.num_attention_heads == 1  # hidden 64 / 64, overridable with --num-heads
     assert ckpt.info["layer_norm_eps_source"] == "megatron-default" and ckpt.config.layer_norm_eps == 1e-5
-    assert ckpt.info["checkpoint_version"] is None and not ckpt.info["has_args"]
+    assert ckpt.info["checkpoint_version"] == 0 and not ckpt.info["has_args"]
 
 
 @pytest.mark.parametrize("base", [False, True], ids=["pretraining", "base-model-without-prefix"])
