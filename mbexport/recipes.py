@@ -61,19 +61,19 @@ class Recipe:
         if "task" in plain:
             plain["task"] = get_task(plain["task"]).name
         recipe = dataclasses.replace(self, calibration=dataclasses.replace(self.calibration, **calibration), **plain)
-        recipe.check()
+        recipe.check()  # the recipe's own values were checked when it was read: a bad value came from a flag
         return recipe
 
-    def check(self) -> None:
+    def check(self, source: Path | None = None) -> None:
         if self.precision not in PRECISIONS:
-            raise MbexportError(f"unknown precision '{self.precision}' (choose {', '.join(PRECISIONS)})", self.path)
+            raise MbexportError(f"unknown precision '{self.precision}' (choose {', '.join(PRECISIONS)})", source)
         if self.target is not None and self.target not in TARGETS:
-            raise MbexportError(f"unknown target '{self.target}' (choose {', '.join(TARGETS)})", self.path)
+            raise MbexportError(f"unknown target '{self.target}' (choose {', '.join(TARGETS)})", source)
         if self.calibration.method not in CALIBRATION_METHODS:
             raise MbexportError(f"unknown calibration method '{self.calibration.method}' "
-                                f"(choose {', '.join(CALIBRATION_METHODS)})", self.path)
+                                f"(choose {', '.join(CALIBRATION_METHODS)})", source)
         if self.calibration.size < 1 or self.calibration.sequence < 2:
-            raise MbexportError("calibration size must be >= 1 and sequence >= 2", self.path)
+            raise MbexportError("calibration size must be >= 1 and sequence >= 2", source)
 
 
 # field -> type, per TOML table; checked strictly so typos are caught.
@@ -138,7 +138,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
                               workspace_mib=engine.get("workspace_mib", 4096),
                               timing_cache="timing.cache" if engine.get("timing_cache", True) else None),
         tolerances=dict(tolerances), out=output.get("dir", Recipe.out), path=path)
-    recipe.check()
+    recipe.check(path)
     return recipe
 
 
