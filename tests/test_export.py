@@ -166,9 +166,9 @@ def test_fp16_keeps_a_large_residual_stream_finite(tmp_path):
 
 
 def test_external_data_beside_the_model_when_it_is_large(tmp_path, monkeypatch):
-    import mbexport.export.fp32 as fp32_module
+    import mbexport.export.onnxfile as onnxfile
 
-    monkeypatch.setattr(fp32_module, "EXTERNAL_THRESHOLD", 0)  # pretend the tiny model passes 2 GB
+    monkeypatch.setattr(onnxfile, "EXTERNAL_THRESHOLD", 0)  # pretend the tiny model passes 2 GB
     task = TASKS["sequence-classification"]
     model, _ = build_reference(task, CONFIG, oracle(task)[1])
     path = export_onnx(model, tmp_path / "model.fp32.onnx")

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx_ir
 import torch
 
-from mbexport.export.onnxfile import EXTERNAL_THRESHOLD, checked_onnx, external_data_name
+from mbexport.export.onnxfile import checked_onnx, external_data_name
 from mbexport.inputs import sample_batch
 from mbexport.model import MegatronBert
 
@@ -28,6 +28,16 @@ EXAMPLE = {"batch": 2, "num_choices": 3, "sequence": 7}
 
 def export_onnx(model: MegatronBert, out_path: str | Path, *, opset: int = 17) -> Path:
     """Write ``model`` as a checked fp32 ONNX file (external data when > 2 GB); returns ``out_path``."""
+    explicit, model.explicit_attention = model.explicit_attention, True
+    try:
+        with checked_onnx(out_path) as staged, _quiet():
+            _write(model.eval(), staged, opset)  # returns before the checks, freeing the exporter's copies
+    finally:
+        model.explicit_attention = explicit
+    return Path(out_path)
+
+
+def _write(model: MegatronBert, path: Path, opset: int) -> None:
     task, config = model.task, model.config
     example = sample_batch(task, config, EXAMPLE["batch"], EXAMPLE["sequence"], num_choices=EXAMPLE["num_choices"])
     args = tuple(torch.from_numpy(example[name]) for name in task.input_names)
@@ -35,18 +45,11 @@ def export_onnx(model: MegatronBert, out_path: str | Path, *, opset: int = 17) -
             for name in ("batch", "num_choices", "sequence")}
     dynamic_shapes = {spec.name: {axis: dims[dim] for axis, dim in spec.dynamic_axes().items()}
                       for spec in task.inputs}
-    external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_THRESHOLD
-    explicit, model.explicit_attention = model.explicit_attention, True
-    try:
-        with checked_onnx(out_path) as staged, _quiet():
-            program = torch.onnx.export(model.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                        input_names=task.input_names, output_names=task.output_names,
-                                        opset_version=max(opset, NATIVE_OPSET), verbose=False)
-            _retarget(program.model, opset)
-            onnx_ir.save(program.model, staged, external_data=external_data_name(staged) if external else None)
-    finally:
-        model.explicit_attention = explicit
-    return Path(out_path)
+    program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                input_names=task.input_names, output_names=task.output_names,
+                                opset_version=max(opset, NATIVE_OPSET), verbose=False)
+    _retarget(program.model, opset)
+    onnx_ir.save(program.model, path, external_data=external_data_name(path))  # streamed, one tensor at a time
 
 
 def _retarget(model: onnx_ir.Model, opset: int) -> None:

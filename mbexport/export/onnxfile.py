@@ -1,7 +1,9 @@
 """Writing ONNX files: staged in a hidden folder, shape-inferred, fully checked, then moved into place.
 
-Every ONNX file mbexport writes (fp32, fp16, and the quantizer's Q/DQ models) goes through ``checked_onnx``,
-so no file under its final name was ever unchecked or half written, external data included.
+Every ONNX file mbexport writes goes through ``checked_onnx``, so no file under its final name was ever
+unchecked or half written, external data included. Writers stage the weights as external data: the checks
+then load only the graph, and a model under 2 GB is assembled into one file a tensor at a time, so at the
+345M shape no step holds a second or third copy of the weights.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from mbexport.errors import MbexportError
 
 PROTOBUF_LIMIT = 2**31  # a ModelProto cannot serialize beyond 2 GB: weights go to external data
 EXTERNAL_THRESHOLD = PROTOBUF_LIMIT - (64 << 20)  # leave room for the graph itself
+_GRAPH_FIELD = b"\x3a"  # ModelProto.graph: field 7, length-delimited
 
 
 def external_data_name(onnx_path: str | Path) -> str:
@@ -26,11 +29,11 @@ def external_data_name(onnx_path: str | Path) -> str:
 
 @contextlib.contextmanager
 def checked_onnx(out_path: str | Path) -> Iterator[Path]:
-    """Yield a path in a private temporary folder; write the model (and external data) there.
+    """Yield a path in a private temporary folder; write the model there (external data beside it or not).
 
-    On success the file gets ONNX shape inference (saved into it) and ``onnx.checker``'s full check, then it
-    and its external data are renamed into ``out_path``'s folder, the data first. On any failure nothing
-    changes at ``out_path``.
+    On success the file gets ONNX shape inference (saved into it) and ``onnx.checker``'s full check; then it
+    lands at ``out_path``: as one file when its weights fit in 2 GB, else with ``external_data_name`` beside
+    it (renamed first). On any failure nothing changes at ``out_path``.
     """
     import onnx
 
@@ -46,22 +49,57 @@ def checked_onnx(out_path: str | Path) -> Iterator[Path]:
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
             raise MbexportError(f"the written ONNX model fails onnx.checker ({str(error).splitlines()[0]})",
                                 out_path) from None
-        data = out_path.parent / external_data_name(out_path)
-        if (tmp / data.name).exists():
-            os.replace(tmp / data.name, data)
+        data, final_data = tmp / external_data_name(out_path), out_path.parent / external_data_name(out_path)
+        if data.exists() and data.stat().st_size > EXTERNAL_THRESHOLD:
+            os.replace(data, final_data)
         else:
-            data.unlink(missing_ok=True)  # a stale file from an earlier, larger export
+            if data.exists():
+                _inline(staged, tmp / "inlined.onnx")
+                os.replace(tmp / "inlined.onnx", staged)
+            final_data.unlink(missing_ok=True)  # a stale file from an earlier, larger export
         os.replace(staged, out_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_model(model, path: str | Path) -> Path:
-    """Save a ModelProto, with external data (one file, ``external_data_name``) when it would pass 2 GB."""
+    """Save a ModelProto for ``checked_onnx``: weights as external data, which it inlines when they fit."""
     import onnx
 
     path = Path(path)
-    size = sum(len(t.raw_data) or 0 for t in model.graph.initializer)
-    onnx.save_model(model, str(path), save_as_external_data=size > EXTERNAL_THRESHOLD,
-                    all_tensors_to_one_file=True, location=external_data_name(path), size_threshold=1024)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=external_data_name(path), size_threshold=1024)
     return path
+
+
+def _inline(path: Path, out: Path) -> None:
+    """Write ``path`` (weights in external data) as one self-contained file, holding one tensor at a time.
+
+    Protobuf merges repeated occurrences of a message field, so the model without its weights followed by
+    one ``graph`` fragment per initializer parses, in every ONNX reader, as the whole model.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = list(model.graph.initializer)
+    del model.graph.initializer[:]
+    with open(out, "wb") as f:
+        f.write(model.SerializeToString())
+        for tensor in tensors:
+            if uses_external_data(tensor):
+                load_external_data_for_tensor(tensor, str(path.parent))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+            fragment = onnx.GraphProto(initializer=[tensor]).SerializeToString()
+            tensor.ClearField("raw_data")
+            f.write(_GRAPH_FIELD + _varint(len(fragment)) + fragment)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
