@@ -131,7 +131,8 @@ def test_fp16_is_strongly_typed_and_finite_with_an_all_padding_row(exported, tmp
         if node.op_type in ("LayerNormalization", "Softmax"):
             assert types[node.input[0]] == F32 and types[node.output[0]] == F32
     # every residual add (the ones feeding a LayerNormalization) runs in fp32
-    residual = [producer(graph, n.input[0].removesuffix(".fp32")) for n in graph.node if n.op_type == "LayerNormalization"]
+    residual = [producer(graph, n.input[0].removesuffix(".fp32"))
+                for n in graph.node if n.op_type == "LayerNormalization"]
     assert all(types[a.output[0]] == F32 for a in residual if a.op_type == "Add")
     weight_bytes = lambda path: sum(len(t.raw_data) for t in onnx.load(str(path)).graph.initializer)  # noqa: E731
     assert weight_bytes(fp16) < 0.55 * weight_bytes(fp32)

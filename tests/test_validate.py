@@ -143,7 +143,8 @@ def test_an_engine_is_skipped_without_tensorrt(folder):
     plan = folder / "masked-lm" / "model.fp16.plan"
     plan.write_bytes(b"not an engine; never loaded here")
     manifest = Manifest.load(folder)
-    manifest.record(TASKS["masked-lm"], "fp16", "engine", plan, profiles=[{"batch": [1, 2, 2], "sequence": [8, 16, 32]}])
+    manifest.record(TASKS["masked-lm"], "fp16", "engine", plan,
+                    profiles=[{"batch": [1, 2, 2], "sequence": [8, 16, 32]}])
     manifest.save()
     report = validate(folder, tasks=["mlm"])
     engine = next(a for a in report.artifacts if a.kind == "engine")

@@ -45,9 +45,13 @@ def tolerances_for(precision: str, kind: str = "onnx", overrides: dict | None = 
 @dataclass
 class Check:
     output: str
-    check: str  # finite | elementwise | cosine | argmax | top5 | row-cosine | integrity
+    check: str  # integrity | run | present | shape | finite | elementwise | cosine | argmax | top5 | row-cosine
     passed: bool
     numbers: dict = field(default_factory=dict)  # max_abs_diff, mean_abs_diff, cosine, agreement, limit, ...
+
+    @property
+    def label(self) -> str:
+        return self.check if self.output == "-" else f"{self.output} {self.check}"
 
     def as_dict(self) -> dict:
         return {"output": self.output, "check": self.check, "passed": self.passed, **self.numbers}
@@ -58,6 +62,9 @@ def compare(task: Task, feeds: list[dict], reference: list[dict], candidate: lis
     checks = []
     for spec in task.outputs:
         name = spec.name
+        if any(name not in c for c in candidate):
+            checks.append(Check(name, "present", False, {"problem": f"no output named {name}"}))
+            continue
         ref = [r[name].astype(np.float64) for r in reference]
         got = [c[name].astype(np.float64) for c in candidate]
         if any(g.shape != r.shape for g, r in zip(got, ref)):
@@ -76,7 +83,7 @@ def compare(task: Task, feeds: list[dict], reference: list[dict], candidate: lis
         cosine = min(_cosine(g.ravel(), r.ravel()) for g, r in zip(got, ref))
         checks.append(Check(name, "cosine", cosine >= tol["cosine"], {"cosine": cosine, "limit": tol["cosine"]}))
     for agreement in task.agreement:
-        if all(c.passed for c in checks if c.output == agreement.output and c.check in ("shape", "finite")):
+        if all(c.passed for c in checks if c.output == agreement.output and c.check in ("present", "shape", "finite")):
             checks.append(_agreement(task, agreement, feeds, reference, candidate, tol))
     return checks
 

@@ -61,7 +61,7 @@ class Report:
             if a.skipped:
                 rows.append([a.path, "-", "-", "-", f"skipped: {a.skipped}"])
             for c in a.checks:
-                rows.append([a.path, c.check if c.output == "-" else f"{c.output} {c.check}", _value(c), _limit(c), "pass" if c.passed else "FAIL"])
+                rows.append([a.path, c.label, _value(c), _limit(c), "pass" if c.passed else "FAIL"])
         return rows
 
     def markdown(self) -> str:
@@ -86,14 +86,18 @@ class Report:
         for column in ("artifact", "max abs diff", "min cosine", "min agreement", "result"):
             table.add_column(column)
         for a in self.artifacts:
-            worst = lambda key, pick: pick((c.numbers[key] for c in a.checks if key in c.numbers), default=None)  # noqa: E731
-            diff, cosine, agreement = worst("max_abs_diff", max), worst("cosine", min), worst("agreement", min)
-            failed = [c.check if c.output == "-" else f"{c.output} {c.check}" for c in a.checks if not c.passed]
+            diff, cosine = _worst(a, "max_abs_diff", max), _worst(a, "cosine", min)
+            agreement = _worst(a, "agreement", min)
+            failed = [c.label for c in a.checks if not c.passed]
             result = f"skipped: {a.skipped}" if a.skipped else ("pass" if not failed else "FAIL: " + ", ".join(failed))
             table.add_row(a.path, "" if diff is None else f"{diff:.2e}", "" if cosine is None else f"{cosine:.6f}",
                           "" if agreement is None else f"{100 * agreement:.2f}%", result,
                           style="red" if failed else ("yellow" if a.skipped else None))
         return table
+
+
+def _worst(result: ArtifactResult, key: str, pick) -> float | None:
+    return pick((c.numbers[key] for c in result.checks if key in c.numbers), default=None)
 
 
 def _value(check: Check) -> str:
