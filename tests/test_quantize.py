@@ -76,6 +76,7 @@ def test_qdq_placement_is_tensorrts(quantized, mode, zero_point):
             assert node.op_type == "MatMul", f"{node.op_type} {node.name} reads a quantized tensor"
             scale, zero = inits[dq.input[1]], inits[dq.input[2]]
             assert not zero.astype(np.float32).any() and zero.dtype.name == zero_point, "symmetric"
+            assert scale.dtype == np.float16  # dequantizes into the fp16 remainder
             if constant(producer[dq.input[0]].input[0]):  # weight: one scale per output column
                 weights += 1
                 assert index == 1 and scale.shape in ((64,), (256,))
@@ -83,8 +84,14 @@ def test_qdq_placement_is_tensorrts(quantized, mode, zero_point):
             else:  # activation: one scale per tensor
                 assert scale.shape == ()
     assert weights == 6 * 2  # Q, K, V, attention output, FFN in and out, in each of the 2 layers
-    final_norm = [n for n in graph.node if n.op_type == "LayerNormalization"][-1]
-    head = [n for n in graph.node if final_norm.output[0] in n.input]
+    norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
+    assert all(inits[n.input[1]].dtype == np.float32 for n in norms)  # fp32 islands of the fp16 remainder
+
+    def consumers(name):  # looking through Casts
+        nodes = [n for n in graph.node if name in n.input]
+        return [c for n in nodes for c in (consumers(n.output[0]) if n.op_type == "Cast" else [n])]
+
+    head = consumers(norms[-1].output[0])
     assert [n.op_type for n in head] == ["MatMul"] and not any(
         producer.get(x) is not None and producer[x].op_type == "DequantizeLinear" for x in head[0].input)
 
