@@ -263,10 +263,15 @@ def test_cli_export_missing_checkpoint_exits_2(cli, tmp_path):
     assert code == 2 and "absent.zip" in err and "no such file" in err
 
 
-def test_a_folder_of_another_checkpoint_is_refused(example, tmp_path):
+def test_a_folder_of_another_checkpoint_is_refused_and_stale_derivatives_are_dropped(example, tmp_path):
     from mbexport.checkpoint.synthetic import make_example
 
     other, _ = make_example(tmp_path / "other", seed=1)
-    export(example[0], "mlm", tmp_path / "out")
+    with pytest.warns(UserWarning):
+        export(example[0], "qa", tmp_path / "out", precisions=("fp32", "fp16"), init_missing_head=1)
+    with pytest.warns(UserWarning):
+        manifest = export(example[0], "qa", tmp_path / "out", init_missing_head=2)  # a different head
+    assert [(a.precision, a.kind) for a in manifest.find("question-answering")] == [("fp32", "weights"),
+                                                                                     ("fp32", "onnx")]
     with pytest.raises(Exception, match="another checkpoint"):
-        export(other, "mlm", tmp_path / "out")
+        export(other, "qa", tmp_path / "out", init_missing_head=1)
