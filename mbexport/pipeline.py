@@ -129,7 +129,8 @@ class _Run:
         return not data or (path.is_file() and sha256_file(path) == data["sha256"])
 
     def _drop_stale(self) -> None:
-        """Forget (and delete) artifacts made from a file that has since changed: e.g. fp16 from an old fp32."""
+        """Forget (and delete) artifacts made from a file that has since changed, e.g. the engine of a
+        re-quantized int8 ONNX (export itself forgets what was made from an fp32 it replaces)."""
         while True:
             current = {(a.path, a.sha256) for a in self.manifest.artifacts}
             stale = [a for a in self.manifest.artifacts if "made_from" in a.details

@@ -107,9 +107,8 @@ def test_changed_parameter_redoes_only_downstream_stages(qa_copy, example):
     relaxed = recipe("qa", "int8", calibration=replace(FAST, size=4), tolerances={"int8.agreement": 0.5})
     reseeded = build(checkpoint, relaxed, out_dir=qa_copy, init_missing_head=1)
     assert reseeded.built == ["export question-answering fp32", "quantize question-answering int8", "validate"]
-    # fp16 and fp8 came from the old fp32 (another head): dropped with their files, not left to fail validation
+    # fp16 and fp8 came from the old fp32 (another head): no longer listed, so not trusted or validated
     assert {a.precision for a in Manifest.load(qa_copy).find("question-answering", kind="onnx")} == {"fp32", "int8"}
-    assert not (qa_copy / "question-answering" / "model.fp16.onnx").exists()
 
 
 def test_tampered_or_unrecorded_files_are_rebuilt(qa_copy, example):
@@ -197,6 +196,10 @@ def test_engine_stage_around_the_builder(qa_copy, monkeypatch):
     long = recipe("qa", "int8", profiles=(engine.Profile(sequence=(16, 128, 384)),))
     with pytest.raises(MbexportError, match="max sequence 384 exceeds the model's 128 positions"):
         pipeline._engine(run, task, config, int8, long)
+    # re-quantizing the int8 ONNX leaves the engine made from it behind: forgotten and deleted
+    fp32 = manifest.find(task.name, "fp32", "onnx")[0]
+    pipeline._precision(run, task, config, fp32, recipe("qa", "int8", calibration=replace(FAST, size=3)), None)
+    assert Manifest.load(qa_copy).find(task.name, "int8", "engine") == [] and not (qa_copy / plan.path).exists()
 
 
 def test_cli_build_with_recipe_and_overrides(tmp_path, built, example, cli, monkeypatch):
