@@ -17,17 +17,21 @@ from pathlib import Path
 import onnx_ir
 import torch
 
+from mbexport.errors import MbexportError
 from mbexport.export.onnxfile import checked_onnx, external_data_name
 from mbexport.inputs import sample_batch
 from mbexport.model import MegatronBert
 
 # Example sizes for tracing: distinct and > 1, so torch.export neither specializes nor ties any dim.
+MIN_OPSET = 17
 NATIVE_OPSET = 18  # what torch's exporter writes without a version conversion
 EXAMPLE = {"batch": 2, "num_choices": 3, "sequence": 7}
 
 
 def export_onnx(model: MegatronBert, out_path: str | Path, *, opset: int = 17) -> Path:
     """Write ``model`` as a checked fp32 ONNX file (external data when > 2 GB); returns ``out_path``."""
+    if opset < MIN_OPSET:
+        raise MbexportError(f"opset {opset} is too old: {MIN_OPSET}+ has the LayerNormalization TensorRT fuses")
     explicit, model.explicit_attention = model.explicit_attention, True
     try:
         with checked_onnx(out_path) as staged, _quiet():

@@ -43,6 +43,12 @@ def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisi
                                     init_missing_head=init_missing_head, source=source)
     del checkpoint  # the model holds its own fp32 copy; at 345M the checkpoint's tensors are another 0.7-1.3 GB
     folder = out_dir / task.name
+    previous = {a.sha256 for a in manifest.find(task.name, "fp32", "onnx")}
+    fp32 = export_onnx(model, folder / "model.fp32.onnx", opset=opset)
+    if _record_onnx(manifest, task, "fp32", fp32, opset=opset).sha256 not in previous:
+        # fp16/int8/fp8 files and engines made from an earlier, different fp32 no longer match the reference
+        manifest.artifacts = [a for a in manifest.artifacts if not (
+            a.task == task.name and a.kind in ("onnx", "engine") and (a.precision, a.kind) != ("fp32", "onnx"))]
     manifest.artifacts = [a for a in manifest.artifacts if not (a.task == task.name and a.kind == "weights")]
     if seeded:
         warnings.warn(f"{task.name}: the checkpoint has no {', '.join(seeded)}; they are random "
@@ -57,13 +63,6 @@ def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisi
         with atomic_file(out_dir / VOCAB) as tmp:
             shutil.copyfile(vocab, tmp)
         manifest.record(task, "-", "vocab", out_dir / VOCAB)
-
-    previous = {a.sha256 for a in manifest.find(task.name, "fp32", "onnx")}
-    fp32 = export_onnx(model, folder / "model.fp32.onnx", opset=opset)
-    if _record_onnx(manifest, task, "fp32", fp32, opset=opset).sha256 not in previous:
-        # fp16/int8/fp8 files and engines made from an earlier, different fp32 no longer match the reference
-        manifest.artifacts = [a for a in manifest.artifacts if not (
-            a.task == task.name and a.kind in ("onnx", "engine") and (a.precision, a.kind) != ("fp32", "onnx"))]
     if "fp16" in precisions:
         _record_onnx(manifest, task, "fp16", convert_fp16(fp32, folder / "model.fp16.onnx"), opset=opset,
                      converted_from=fp32.name)
