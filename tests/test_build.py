@@ -20,8 +20,6 @@ from mbexport.pipeline import build
 from mbexport.recipes import Calibration, Recipe
 
 FAST = Calibration(size=8, sequence=32)
-
-
 TASKS = ("question-answering", "masked-lm", "sequence-classification")
 
 
