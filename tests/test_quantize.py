@@ -115,6 +115,18 @@ def test_not_an_onnx_file_is_refused(tmp_path):
 
 
 @needs_modelopt
+def test_a_graph_without_a_trunk_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    path = tmp_path / "model.fp32.onnx"
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])), path)
+    with pytest.raises(MbexportError, match="not a pre-LN Megatron-BERT export"):
+        quantize_onnx(path, tmp_path / "model.int8.onnx", calibration=[{"x": np.ones((1, 4), np.float32)}])
+
+
+@needs_modelopt
 def test_a_failed_quantization_leaves_nothing_behind(quantized, tmp_path):
     fp32 = quantized.path_of(quantized.find(QA.name, "fp32", "onnx")[0])
     out = tmp_path / "out" / "model.int8.onnx"

@@ -52,7 +52,7 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
     if not fp32_onnx.is_file():
         raise MbexportError("ONNX file not found", fp32_onnx)
     quantize = _modelopt_quantize()
-    head = head_nodes(fp32_onnx)
+    head = _head_nodes(fp32_onnx)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Model Optimizer writes intermediate models beside its input: give it a private folder.
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.tmp-", dir=out_path.parent) as tmp:
@@ -74,7 +74,7 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
         return convert_fp16(quantized, out_path)
 
 
-def head_nodes(onnx_path: str | Path) -> list[str]:
+def _head_nodes(onnx_path: str | Path) -> list[str]:
     """Name patterns of every node after the trunk's final LayerNorm, found by the pre-LN structure.
 
     Inside the trunk, each LayerNorm's input (the residual stream) also feeds the residual Add; the final
