@@ -62,7 +62,7 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
         if data.exists():
             os.symlink(data.resolve(), Path(tmp) / data.name)
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # logs, bars
                 quantize(str(source), quantize_mode=mode, calibration_data_reader=_Batches(calibration),
                          calibration_method=method, calibration_eps=["cpu"], high_precision_dtype="fp32",
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=head,
