@@ -55,6 +55,14 @@ def quantized(example, tmp_path_factory):
 
 
 @needs_modelopt
+def test_the_fp32_input_is_left_as_it_was(quantized):
+    """Model Optimizer rewrites its input file in place: it must only ever see a copy."""
+    fp32 = quantized.find(QA.name, "fp32", "onnx")[0]
+    assert quantized.verify(fp32) is None
+    assert [p.name for p in quantized.path_of(fp32).parent.iterdir() if p.name.startswith(".")] == []  # no tmp
+
+
+@needs_modelopt
 @pytest.mark.parametrize("mode, zero_point", [("int8", "int8"), ("fp8", "float8_e4m3fn")])
 def test_qdq_placement_is_tensorrts(quantized, mode, zero_point):
     model = onnx.load(str(quantized.path_of(quantized.find(QA.name, mode, "onnx")[0])))

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -54,13 +54,14 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
     quantize = _modelopt_quantize()
     head = _head_nodes(fp32_onnx)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Model Optimizer writes intermediate models beside its input: give it a private folder.
+    # Model Optimizer rewrites its input in place (shape inference) and writes intermediate models beside
+    # it: give it a private copy, so the recorded fp32 file keeps its hash.
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.tmp-", dir=out_path.parent) as tmp:
         source, quantized = Path(tmp) / "source.onnx", Path(tmp) / "quantized.onnx"
-        os.symlink(fp32_onnx.resolve(), source)
+        shutil.copyfile(fp32_onnx, source)
         data = fp32_onnx.parent / external_data_name(fp32_onnx)
         if data.exists():
-            os.symlink(data.resolve(), Path(tmp) / data.name)
+            shutil.copyfile(data, Path(tmp) / data.name)
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # logs, bars
                 quantize(str(source), quantize_mode=mode, calibration_data_reader=_Batches(calibration),
