@@ -47,7 +47,7 @@ def test_good_artifacts_pass_with_numbers(folder, cli):
     code, out, err = cli("validate", str(folder))
     assert code == 0, out + err
     report = json.loads((folder / "validation.json").read_text())
-    assert report["passed"] and [s["batch"] for s in report["inputs"]] == [1, 4, 2]
+    assert report["passed"] and [s["batch"] for s in report["inputs"]] == [1, 4, 2, 16]
     assert any(s["all_padding_row"] for s in report["inputs"])
     by_path = results(folder)
     fp32, fp16 = by_path["masked-lm/model.fp32.onnx"], by_path["masked-lm/model.fp16.onnx"]
@@ -150,7 +150,7 @@ def test_an_engine_is_skipped_without_tensorrt(folder):
     engine = next(a for a in report.artifacts if a.kind == "engine")
     assert engine.status == "skipped" and "TensorRT" in engine.skipped and report.passed
     onnx_fp16 = next(a for a in report.artifacts if a.kind == "onnx" and a.precision == "fp16")
-    assert [i["input_ids"] for i in onnx_fp16.inputs] == [[1, 16], [2, 32], [2, 32]]  # inside the engine's profile
+    assert [i["input_ids"] for i in onnx_fp16.inputs] == [[1, 16], [2, 32], [2, 32], [2, 32]]  # inside the engine's profile
 
 
 @pytest.mark.tensorrt
@@ -207,3 +207,16 @@ def test_per_token_agreement_topk_and_non_finite():
     got["logits"][1, 0, 0] = np.nan
     checks = {c.check: c for c in compare(task, [{"attention_mask": mask}], [ref], [got], tol)}
     assert not checks["finite"].passed and checks["finite"].numbers["non_finite"] == 1
+
+
+def test_quantized_elementwise_difference_is_reported_unless_a_recipe_gates_it():
+    task = TASKS["sequence-classification"]
+    feed = {"attention_mask": np.ones((4, 3), dtype=np.int64)}
+    ref = {"logits": np.array([[4.0, 0.0], [0.0, 4.0], [5.0, 1.0], [1.0, 6.0]])}
+    got = {"logits": ref["logits"] * 1.3}  # a 1.8 shift, same answers, cosine 1
+    checks = {c.check: c for c in compare(task, [feed], [ref], [got], tolerances_for("int8"))}
+    assert checks["elementwise"].passed and checks["elementwise"].numbers["max_abs_diff"] == pytest.approx(1.8)
+    assert checks["argmax"].passed and checks["cosine"].passed
+    gated = tolerances_for("int8", overrides={"int8.atol": 1.0})
+    checks = {c.check: c for c in compare(task, [feed], [ref], [got], gated)}
+    assert not checks["elementwise"].passed

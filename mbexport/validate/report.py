@@ -72,7 +72,7 @@ class Report:
         lines += ["Tolerances per artifact: elementwise |a - b| <= atol + rtol |b|; cosine of each output; "
                   "agreement = fraction of real tokens/rows with the reference's answer.", ""]
         for a in self.artifacts:
-            tol = ", ".join(f"{k} {v:g}" for k, v in a.tolerances.items())
+            tol = ", ".join(f"{k} {'reported only' if v is None else f'{v:g}'}" for k, v in a.tolerances.items())
             lines.append(f"- `{a.path}` ({a.task}, {a.precision} {a.kind}): {a.status}" + (f"; {tol}" if tol else ""))
         lines += ["", "| artifact | check | value | limit | result |", "|---|---|---|---|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
@@ -116,7 +116,7 @@ def _value(check: Check) -> str:
 def _limit(check: Check) -> str:
     n = check.numbers
     if "atol" in n:
-        return f"atol {n['atol']:g} + rtol {n['rtol']:g}"
+        return "reported only" if n["atol"] is None else f"atol {n['atol']:g} + rtol {n['rtol']:g}"
     if "limit" in n:
         return f">= {100 * n['limit']:g}%" if "agreement" in n else f">= {n['limit']:g}"
     return "0" if "non_finite" in n else ""
