@@ -12,9 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -84,6 +83,9 @@ def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = No
                      _key("export", source_sha256(source), task.name, OPSET, init_missing_head,
                           sha256_file(vocab) if vocab else None), make_fp32)
     config = MegatronBertConfig.from_hf_dict(run.manifest.config)
+    recipe, notes = recipe.fit_positions(config.max_position_embeddings)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     onnx = fp32 if recipe.precision == "fp32" else _precision(run, task, config, fp32, recipe, vocab)
     if target == "engine":
         _engine(run, task, config, onnx, recipe)
@@ -164,14 +166,7 @@ def _precision(run: _Run, task: Task, config: MegatronBertConfig, fp32: Artifact
     def make(path: Path) -> dict:
         batches = calibration_batches(task, config, text=calib.text, vocab=vocab, size=calib.size,
                                       sequence=calib.sequence)
-        # Model Optimizer rewrites the model it reads (shape inference in place, through quantize_onnx's
-        # symlink): it gets a private copy, so the recorded fp32 artifact stays as its sha256 says.
-        with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp:
-            for name in (fp32_path.name, external_data_name(fp32_path)):
-                if (fp32_path.parent / name).is_file():
-                    shutil.copyfile(fp32_path.parent / name, Path(tmp) / name)
-            quantize_onnx(Path(tmp) / fp32_path.name, path, mode=recipe.precision, calibration=batches,
-                          method=calib.method)
+        quantize_onnx(fp32_path, path, mode=recipe.precision, calibration=batches, method=calib.method)
         return {"calibration": {"text": str(calib.text) if calib.text else None, "size": calib.size,
                                 "method": calib.method, "sequence": calib.sequence}}
 

@@ -64,6 +64,21 @@ class Recipe:
         recipe.check()  # the recipe's own values were checked when it was read: a bad value came from a flag
         return recipe
 
+    def fit_positions(self, max_positions: int) -> tuple["Recipe", list[str]]:
+        """Clamp sequence lengths to the model's position limit, with a note per change.
+
+        A SQuAD-length recipe (384 tokens) then also builds a small model (the built-in example has 128).
+        """
+        notes, calibration, profiles = [], self.calibration, self.profiles
+        if calibration.sequence > max_positions:
+            notes.append(f"calibration sequence {calibration.sequence} is cut to the model's {max_positions} positions")
+            calibration = dataclasses.replace(calibration, sequence=max_positions)
+        if profiles and any(p.sequence[2] > max_positions for p in profiles):
+            notes.append(f"profile sequence ranges are cut to the model's {max_positions} positions")
+            profiles = tuple(dataclasses.replace(p, sequence=tuple(min(v, max_positions) for v in p.sequence))
+                             for p in profiles)
+        return dataclasses.replace(self, calibration=calibration, profiles=profiles), notes
+
     def check(self, source: Path | None = None) -> None:
         if self.precision not in PRECISIONS:
             raise MbexportError(f"unknown precision '{self.precision}' (choose {', '.join(PRECISIONS)})", source)

@@ -129,3 +129,13 @@ def test_flags_override_recipe_fields(tmp_path):
     assert changed.profiles == recipe.profiles
     with pytest.raises(MbexportError, match="^unknown precision 'bf16'"):  # the flag's fault, not the file's
         recipe.override(precision="bf16")
+
+
+def test_sequence_lengths_are_cut_to_the_models_positions():
+    recipe = load_recipe("qa-int8")  # SQuAD length: calibration and profiles at 384
+    assert recipe.calibration.sequence == 384 and recipe.profiles[0].sequence == (16, 384, 384)
+    fitted, notes = recipe.fit_positions(128)
+    assert fitted.calibration.sequence == 128 and fitted.profiles[0].sequence == (16, 128, 128)
+    assert len(notes) == 2 and all("128 positions" in note for note in notes)
+    check_profiles(fitted.profiles, get_task("qa"), max_positions=128)
+    assert recipe.fit_positions(512) == (recipe, [])

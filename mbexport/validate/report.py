@@ -83,7 +83,8 @@ class Report:
         from rich.table import Table
 
         table = Table(title=f"validation: {'passed' if self.passed else 'FAILED'}")
-        for column in ("artifact", "max abs diff", "min cosine", "min agreement", "result"):
+        table.add_column("artifact", overflow="fold")
+        for column in ("max abs diff", "min cosine", "min agreement", "result"):
             table.add_column(column)
         for a in self.artifacts:
             diff, cosine = _worst(a, "max_abs_diff", max), _worst(a, "cosine", min)
