@@ -51,6 +51,7 @@ def plot(report: dict, path: str | Path) -> bool:
 
         matplotlib.use("Agg")  # headless: no display on servers and CI
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter
     except ImportError:
         return False
     rows = [r for r in report["results"] if r["status"] == "ok"]
@@ -71,6 +72,8 @@ def plot(report: dict, path: str | Path) -> bool:
         for axis, ylabel in ((latency_axis, "p50 latency (ms)"), (throughput_axis, "sequences / s")):
             axis.set_xscale("log", base=2)
             axis.set_yscale("log")  # backends differ by orders of magnitude
+            for ticks in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
+                ticks(FormatStrFormatter("%g"))
             axis.set_xticks(batches, labels=[str(b) for b in batches])
             axis.set_xlabel("batch size")
             axis.set_ylabel(ylabel)
