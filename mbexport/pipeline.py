@@ -23,16 +23,16 @@ from mbexport import engine
 from mbexport.errors import CheckpointError, MbexportError
 from mbexport.export import convert_fp16, export, source_sha256
 from mbexport.export.onnxfile import external_data_name
-from mbexport.fsutil import sha256_file, write_json_atomic
+from mbexport.fsutil import sha256_file
 from mbexport.manifest import Artifact, Manifest
 from mbexport.model import MegatronBertConfig
 from mbexport.quantize import calibration_batches, quantize_onnx
 from mbexport.recipes import Recipe
 from mbexport.tasks import Task, get_task
-from mbexport.validate import Report, tolerances_for, validate
+from mbexport.runtime import providers
+from mbexport.validate import Report, previous_results, tolerances_for, validate
 
 OPSET = 17
-VALIDATION_CACHE = ".validation-key.json"  # the key of the artifacts validation.json was computed from
 
 
 @dataclass
@@ -89,7 +89,7 @@ def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = No
     onnx = fp32 if recipe.precision == "fp32" else _precision(run, task, config, fp32, recipe, vocab)
     if target == "engine":
         _engine(run, task, config, onnx, recipe)
-    _validate(run, recipe, device)
+    _validate(run, task, recipe, device)
     return run.result
 
 
@@ -187,17 +187,29 @@ def _engine(run: _Run, task: Task, config: MegatronBertConfig, onnx: Artifact, r
                                                       root=run.manifest.root), onnx)
 
 
-def _validate(run: _Run, recipe: Recipe, device: str) -> None:
-    """Validate every artifact in the folder, unless validation.json already covers exactly these files."""
-    root = run.manifest.root
-    key = _key("validate", sorted((a.path, a.sha256) for a in run.manifest.artifacts), recipe.tolerances, device)
-    cache, report = root / VALIDATION_CACHE, root / "validation.json"
-    if cache.is_file() and report.is_file():
-        recorded = json.loads(cache.read_text())
-        if recorded.get("key") == key and recorded.get("sha256") == sha256_file(report):
-            run.note("validate", "cached")
-            return
+def _validate(run: _Run, task: Task, recipe: Recipe, device: str) -> None:
+    """Validate what this build made (the task's fp32 and ``recipe.precision`` artifacts) under the recipe's
+    tolerances, unless validation.json already passed exactly these files under them.
+
+    Other builds' artifacts in the folder keep the results their own builds recorded (``mbexport validate``
+    re-checks everything)."""
+    precisions = sorted({"fp32", recipe.precision})
+    mine = [a for a in run.manifest.artifacts
+            if a.task == task.name and (a.precision in precisions or a.kind not in ("onnx", "engine"))]
+    previous = previous_results(run.manifest)
+    if all(a.path in previous and previous[a.path].status != "FAIL" and previous[a.path].tolerances
+           == (tolerances_for(a.precision, a.kind, recipe.tolerances) if a.kind in ("onnx", "engine") else {})
+           for a in mine) and _validated_on(run.manifest.root) == ", ".join(providers(device)):
+        run.note("validate", "cached")
+        return
     start = time.perf_counter()
-    run.result.report = validate(root, device=device, tolerances=recipe.tolerances or None)
-    write_json_atomic(cache, {"key": key, "sha256": sha256_file(report)})
+    run.result.report = validate(run.manifest.root, device=device, tasks=[task.name], precisions=precisions,
+                                 tolerances=recipe.tolerances or None)
     run.note("validate", f"done in {time.perf_counter() - start:.1f} s")
+
+
+def _validated_on(root: Path) -> str | None:
+    try:
+        return json.loads((root / "validation.json").read_text())["device"]
+    except (OSError, ValueError, KeyError):
+        return None

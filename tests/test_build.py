@@ -28,8 +28,15 @@ def example(tmp_path_factory):
     return make_example(tmp_path_factory.mktemp("example"), seed=0)  # (checkpoint zip, vocab.txt)
 
 
+# A seeded random classifier head on a random trunk gives logits ~0.08 apart, and fp8 flips about a fifth of
+# those near-ties (cosine stays 0.994). The product's bar (85%) stays; this test lowers it through a recipe
+# override for that one case. Real fp8 accuracy is checked on the trained fixture (test_accuracy_trained.py).
+NEAR_TIES = {("sequence-classification", "fp8"): {"fp8.agreement": 0.6}}
+
+
 def recipe(task, precision, **fields):
-    return Recipe(name="test", task=task, precision=precision, target="onnx", **{"calibration": FAST, **fields})
+    fields = {"calibration": FAST, "tolerances": NEAR_TIES.get((task, precision), {}), **fields}
+    return Recipe(name="test", task=task, precision=precision, target="onnx", **fields)
 
 
 @pytest.fixture(scope="module")

@@ -220,3 +220,18 @@ def test_quantized_elementwise_difference_is_reported_unless_a_recipe_gates_it()
     gated = tolerances_for("int8", overrides={"int8.atol": 1.0})
     checks = {c.check: c for c in compare(task, [feed], [ref], [got], gated)}
     assert not checks["elementwise"].passed
+
+
+def test_a_partial_run_keeps_earlier_results_only_for_unchanged_files(folder):
+    validate(folder)
+    first = results(folder)
+    validate(folder, precisions=["fp16"])  # only masked-lm fp16 (and the non-runnable files) run again
+    kept = results(folder)
+    assert kept["question-answering/model.fp32.onnx"] == first["question-answering/model.fp32.onnx"]
+    assert kept["masked-lm/model.fp32.onnx"] == first["masked-lm/model.fp32.onnx"]
+    manifest = Manifest.load(folder)
+    qa = manifest.find("question-answering", "fp32", "onnx")[0]
+    qa.sha256 = "0" * 64  # as if re-exported since: its old result no longer describes the file
+    manifest.save()
+    validate(folder, precisions=["fp16"])
+    assert "question-answering/model.fp32.onnx" not in results(folder)

@@ -59,6 +59,11 @@ class Check:
     def as_dict(self) -> dict:
         return {"output": self.output, "check": self.check, "passed": self.passed, **self.numbers}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Check":
+        numbers = {k: v for k, v in data.items() if k not in ("output", "check", "passed")}
+        return cls(data["output"], data["check"], data["passed"], numbers)
+
 
 def compare(task: Task, feeds: list[dict], reference: list[dict], candidate: list[dict], tol: dict) -> list[Check]:
     """All checks of one artifact's outputs against the reference's, over every feed."""

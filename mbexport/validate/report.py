@@ -34,6 +34,11 @@ class ArtifactResult:
                 "sha256": self.sha256, "status": self.status, "skipped": self.skipped,
                 "tolerances": self.tolerances, "inputs": self.inputs, "checks": [c.as_dict() for c in self.checks]}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "ArtifactResult":
+        return cls(data["task"], data["precision"], data["kind"], data["path"], data["sha256"], data["tolerances"],
+                   [Check.from_dict(c) for c in data["checks"]], data["skipped"], data["inputs"])
+
 
 @dataclass
 class Report:

@@ -7,6 +7,7 @@ cannot even load fails on its own and only one model is in memory beside the ref
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,8 @@ def validate(out_dir: str | Path, *, device: str = "cpu", tasks=None, precisions
     for task in dict.fromkeys(a.task for a in runnable):
         results += validate_task(manifest, get_task(task), [a for a in selected if a.task == task],
                                  device=device, tolerances=tolerances)
+    if tasks or precisions:  # a partial run keeps the earlier results of files it did not look at
+        results += _still_valid(manifest, {r.path for r in results})
     report = Report(manifest.root, ", ".join(providers(device)), _shapes(), results)
     report.save()
     if not report.passed:
@@ -61,6 +64,23 @@ def validate(out_dir: str | Path, *, device: str = "cpu", tasks=None, precisions
         error.report = report
         raise error
     return report
+
+
+def previous_results(manifest: Manifest) -> dict[str, ArtifactResult]:
+    """validation.json's results by artifact path, for files that are still as they were validated."""
+    path = manifest.root / "validation.json"
+    if not path.is_file():
+        return {}
+    try:
+        entries = [ArtifactResult.from_dict(a) for a in json.loads(path.read_text())["artifacts"]]
+    except (ValueError, KeyError, TypeError):
+        return {}  # unreadable: everything is validated again
+    current = {(a.path, a.sha256) for a in manifest.artifacts}
+    return {e.path: e for e in entries if (e.path, e.sha256) in current}
+
+
+def _still_valid(manifest: Manifest, validated: set[str]) -> list[ArtifactResult]:
+    return [r for path, r in previous_results(manifest).items() if path not in validated]
 
 
 def validate_artifact(manifest: Manifest, artifact: Artifact, *, device: str = "cpu",
