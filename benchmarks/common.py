@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as `python benchmarks/NAME.py` from a checkout
 
-from mbexport.model.config import MegatronBertConfig  # noqa: E402
+from mbexport.config import MegatronBertConfig  # noqa: E402
 
 # Megatron-BERT 345M (NVIDIA's NGC megatron_bert_345m): 24 layers, hidden 1024, 16 heads, padded vocab.
 CONFIG_345M = MegatronBertConfig(vocab_size=29056, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,

@@ -85,7 +85,7 @@ def quantize_int8(work) -> bool:
     if not target.is_file():
         child(["-c", "from mbexport.quantize import calibration_batches, quantize_onnx\n"
                      "from mbexport.manifest import Manifest\n"
-                     "from mbexport.model.config import MegatronBertConfig\n"
+                     "from mbexport.config import MegatronBertConfig\n"
                      "from mbexport.tasks import get_task\n"
                      f"root = {str(work / 'mbexport-qa')!r}\n"
                      "config = MegatronBertConfig.from_hf_dict(Manifest.load(root).config)\n"

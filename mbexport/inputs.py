@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mbexport.model.config import MegatronBertConfig
+from mbexport.config import MegatronBertConfig
 from mbexport.tasks import Task
 
 

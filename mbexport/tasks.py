@@ -8,12 +8,8 @@ and dtypes. Nothing else in mbexport spells out a head's IO.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
+from mbexport.config import MegatronBertConfig
 from mbexport.errors import MbexportError
-
-if TYPE_CHECKING:  # only for annotations: the model package itself imports this registry
-    from mbexport.model.config import MegatronBertConfig
 
 DYNAMIC_DIMS = ("batch", "num_choices", "sequence")
 

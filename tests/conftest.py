@@ -11,7 +11,7 @@ def megatron_bert():
     """A random transformers MegatronBertForPreTraining (eps 1e-5, every weight random, LayerNorms too) with
     its state dict in Checkpoint naming and the matching mbexport config. Shapes allow TP 8, PP 2 x virtual 2."""
     transformers = pytest.importorskip("transformers")
-    from mbexport.model.config import MegatronBertConfig
+    from mbexport.config import MegatronBertConfig
 
     config = MegatronBertConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=4, num_attention_heads=8,
                                 intermediate_size=128, max_position_embeddings=64)

@@ -174,7 +174,7 @@ def test_engine_stage_around_the_builder(qa_copy, monkeypatch):
     called with the recipe's settings, the result recorded and cached. The builder is replaced by one that
     writes a file (TensorRT cannot be installed here); test_engine_target_builds_and_runs covers the real one."""
     from mbexport import engine, pipeline
-    from mbexport.model import MegatronBertConfig
+    from mbexport.config import MegatronBertConfig
     from mbexport.tasks import get_task
 
     calls = []
@@ -259,7 +259,7 @@ def test_engine_target_builds_and_runs(tmp_path, example):
     import numpy as np
 
     from mbexport.inputs import sample_batch
-    from mbexport.model import MegatronBertConfig
+    from mbexport.config import MegatronBertConfig
     from mbexport.runtime import ort_session
     from mbexport.tasks import get_task
 

@@ -18,7 +18,7 @@ from mbexport.errors import MbexportError
 from mbexport.export import export_onnx
 from mbexport.manifest import Manifest
 from mbexport.model import MegatronBert
-from mbexport.model.config import MegatronBertConfig
+from mbexport.config import MegatronBertConfig
 from mbexport.tasks import get_task
 
 WORDS = ("paris is the capital of france berlin germany what city river seine flows through rome italy "

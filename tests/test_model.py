@@ -5,7 +5,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mbexport.model import MegatronBertConfig, build_reference  # noqa: E402
+from mbexport.config import MegatronBertConfig  # noqa: E402
+from mbexport.model import build_reference  # noqa: E402
 from mbexport.tasks import TASKS  # noqa: E402
 
 CONFIG = MegatronBertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,

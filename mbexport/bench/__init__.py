@@ -22,7 +22,7 @@ from mbexport.errors import MbexportError
 from mbexport.fsutil import write_json_atomic
 from mbexport.inputs import sample_batch
 from mbexport.manifest import Artifact, Manifest, library_versions
-from mbexport.model.config import MegatronBertConfig
+from mbexport.config import MegatronBertConfig
 from mbexport.runtime import ort_session
 from mbexport.tasks import Task, get_task
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from mbexport.model.config import MegatronBertConfig
+from mbexport.config import MegatronBertConfig
 from mbexport.tasks import Task
 
 

@@ -21,7 +21,7 @@ from mbexport.checkpoint.megatron import (SHARD_DIR, TRACKER, Files, Shard, iter
 from mbexport.checkpoint.progress import status
 from mbexport.errors import CheckpointError
 from mbexport.fsutil import atomic_dir, write_json_atomic
-from mbexport.model.config import MEGATRON_LAYERNORM_EPS, MegatronBertConfig
+from mbexport.config import MEGATRON_LAYERNORM_EPS, MegatronBertConfig
 from mbexport.tasks import TASKS
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_hf_folder"]

@@ -16,7 +16,7 @@ from mbexport.checkpoint import names
 from mbexport.checkpoint.progress import progress
 from mbexport.checkpoint.megatron import load_file
 from mbexport.errors import CheckpointError
-from mbexport.model.config import MegatronBertConfig
+from mbexport.config import MegatronBertConfig
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SAFETENSORS_DTYPES = {

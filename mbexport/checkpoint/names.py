@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from mbexport.errors import CheckpointError
-from mbexport.model.config import MegatronBertConfig
+from mbexport.config import MegatronBertConfig
 
 # Any era's key -> canonical key; applied in order (docs/megatron-checkpoints.md sections 1, 2 and 5).
 ALIASES: tuple[tuple[str, str], ...] = tuple((re.compile(p), r) for p, r in (

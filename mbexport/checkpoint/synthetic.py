@@ -26,7 +26,7 @@ import torch
 
 from mbexport.checkpoint import names
 from mbexport.checkpoint.megatron import interleave_qkv, qkv_layout
-from mbexport.model.config import MegatronBertConfig
+from mbexport.config import MegatronBertConfig
 
 STYLES = ("2020", "2021", "2023", "mcore", "mcore-te")  # legacy eras (section 2) and Megatron-Core (section 5)
 # Canonical module -> Megatron-Core module ("layers.N." modules under "encoder.layers.N.").

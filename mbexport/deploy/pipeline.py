@@ -19,7 +19,7 @@ import mbexport.model  # noqa: F401  # before mbexport.tasks: importing tasks fi
 from mbexport.deploy import postprocess
 from mbexport.errors import MbexportError
 from mbexport.manifest import Manifest
-from mbexport.model.config import MegatronBertConfig
+from mbexport.config import MegatronBertConfig
 from mbexport.tasks import Task, get_task
 from mbexport.text import encode, load_tokenizer
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from mbexport.errors import CheckpointError, MbexportError
-from mbexport.model.config import MegatronBertConfig
+from mbexport.config import MegatronBertConfig
 from mbexport.model.modeling import MASK_VALUE, MegatronBert
 from mbexport.tasks import Task, get_task
 
-__all__ = ["MASK_VALUE", "MegatronBert", "MegatronBertConfig", "build_reference", "head_prefixes"]
+__all__ = ["MASK_VALUE", "MegatronBert", "build_reference", "head_prefixes"]
 
 
 def head_prefixes(task: Task) -> tuple[str, ...]:
@@ -28,7 +28,8 @@ def build_reference(task: str | Task, config: MegatronBertConfig, state_dict: di
     seed; then those weights are drawn as Hugging Face initialises them (normal(0, 0.02), zero bias).
     """
     task = get_task(task) if isinstance(task, str) else task
-    model = MegatronBert(config, task).eval()
+    with torch.device("meta"):  # no random init to overwrite: the checkpoint's tensors are assigned below
+        model = MegatronBert(config, task).eval()
     wanted = model.state_dict()
     missing = [name for name in wanted if name not in state_dict]
     broken = [name for name in missing if not name.startswith(head_prefixes(task))]
@@ -42,14 +43,12 @@ def build_reference(task: str | Task, config: MegatronBertConfig, state_dict: di
     if missing and init_missing_head is None:
         raise MbexportError(f"the checkpoint has no '{task.name}' head (no {missing[0]}); pass "
                             "--init-missing-head SEED to start it from seeded random weights", source)
-    model.load_state_dict({name: state_dict[name].float() for name in wanted if name in state_dict}, strict=False)
-    if missing:
-        generator = torch.Generator().manual_seed(init_missing_head)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name in sorted(missing):
-                if name.endswith("bias"):
-                    params[name].zero_()
-                else:
-                    params[name].normal_(0.0, 0.02, generator=generator)
+    # fp32 tensors are shared with the checkpoint, not copied: a 345M model is held once.
+    weights = {name: state_dict[name].float() for name in wanted if name in state_dict}
+    generator = torch.Generator().manual_seed(init_missing_head or 0)
+    for name in sorted(missing):
+        shape = wanted[name].shape
+        weights[name] = torch.zeros(shape) if name.endswith("bias") else torch.empty(shape).normal_(
+            0.0, 0.02, generator=generator)
+    model.load_state_dict(weights, assign=True)
     return model, sorted(missing)

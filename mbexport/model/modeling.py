@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbexport.model.config import MegatronBertConfig
+from mbexport.config import MegatronBertConfig
 from mbexport.tasks import Task, get_task
 
 # Additive mask for padded keys. Finite on purpose: float32's minimum turns into -inf in fp16, and a row

@@ -14,7 +14,7 @@ import numpy as np
 
 from mbexport.errors import MbexportError
 from mbexport.inputs import sample_batch
-from mbexport.model.config import MegatronBertConfig
+from mbexport.config import MegatronBertConfig
 from mbexport.tasks import Task, get_task
 from mbexport.text import encode, load_tokenizer, read_lines
 
