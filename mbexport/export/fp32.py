@@ -22,9 +22,9 @@ from mbexport.export.onnxfile import checked_onnx, external_data_name
 from mbexport.inputs import sample_batch
 from mbexport.model import MegatronBert
 
-# Example sizes for tracing: distinct and > 1, so torch.export neither specializes nor ties any dim.
 MIN_OPSET = 17
 NATIVE_OPSET = 18  # what torch's exporter writes without a version conversion
+# Example sizes for tracing: distinct and > 1, so torch.export neither specializes nor ties any dim.
 EXAMPLE = {"batch": 2, "num_choices": 3, "sequence": 7}
 
 

@@ -20,6 +20,8 @@ from mbexport.errors import MbexportError
 PROTOBUF_LIMIT = 2**31  # a ModelProto cannot serialize beyond 2 GB: weights go to external data
 EXTERNAL_THRESHOLD = PROTOBUF_LIMIT - (64 << 20)  # leave room for the graph itself
 _GRAPH_FIELD = b"\x3a"  # ModelProto.graph: field 7, length-delimited
+_INITIALIZER_FIELD = b"\x2a"  # GraphProto.initializer: field 5, length-delimited
+_RAW_DATA_FIELD = b"\x4a"  # TensorProto.raw_data: field 9, length-delimited
 
 
 def external_data_name(onnx_path: str | Path) -> str:
@@ -73,13 +75,15 @@ def save_model(model, path: str | Path) -> Path:
 
 
 def _inline(path: Path, out: Path) -> None:
-    """Write ``path`` (weights in external data) as one self-contained file, holding one tensor at a time.
+    """Write ``path`` (weights in external data) as one self-contained file, streaming the weights.
 
     Protobuf merges repeated occurrences of a message field, so the model without its weights followed by
-    one ``graph`` fragment per initializer parses, in every ONNX reader, as the whole model.
+    one ``graph`` fragment per initializer parses, in every ONNX reader, as the whole model. Each fragment's
+    ``raw_data`` field is framed by hand and its bytes copied straight from the data file: weights never
+    pass through a protobuf message, whose arena would keep every one of them alive until the end.
     """
     import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+    from onnx.external_data_helper import uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)
     tensors = list(model.graph.initializer)
@@ -87,13 +91,29 @@ def _inline(path: Path, out: Path) -> None:
     with open(out, "wb") as f:
         f.write(model.SerializeToString())
         for tensor in tensors:
+            size, source = 0, None
             if uses_external_data(tensor):
-                load_external_data_for_tensor(tensor, str(path.parent))
+                info = {entry.key: entry.value for entry in tensor.external_data}
+                size, source = int(info["length"]), (path.parent / info["location"], int(info.get("offset", 0)))
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 del tensor.external_data[:]
-            fragment = onnx.GraphProto(initializer=[tensor]).SerializeToString()
-            tensor.ClearField("raw_data")
-            f.write(_GRAPH_FIELD + _varint(len(fragment)) + fragment)
+            head = tensor.SerializeToString() + (_RAW_DATA_FIELD + _varint(size) if source else b"")
+            tensor_size = len(head) + size
+            initializer = _INITIALIZER_FIELD + _varint(tensor_size)
+            f.write(_GRAPH_FIELD + _varint(len(initializer) + tensor_size) + initializer + head)
+            if source:
+                with open(source[0], "rb") as data:
+                    data.seek(source[1])
+                    _copy(data, f, size)
+
+
+def _copy(src, dst, size: int, chunk: int = 16 << 20) -> None:
+    while size:
+        block = src.read(min(chunk, size))
+        if not block:
+            raise OSError(f"external data ends {size} bytes early")
+        dst.write(block)
+        size -= len(block)
 
 
 def _varint(value: int) -> bytes:
