@@ -29,8 +29,7 @@ from mbexport.config import MegatronBertConfig
 from mbexport.quantize import calibration_batches, quantize_onnx
 from mbexport.recipes import Recipe
 from mbexport.tasks import Task, get_task
-from mbexport.runtime import providers
-from mbexport.validate import Report, previous_results, tolerances_for, validate
+from mbexport.validate import Report, tolerances_for, up_to_date, validate
 
 OPSET = 17
 
@@ -193,23 +192,11 @@ def _validate(run: _Run, task: Task, recipe: Recipe, device: str) -> None:
 
     Other builds' artifacts in the folder keep the results their own builds recorded (``mbexport validate``
     re-checks everything)."""
-    precisions = sorted({"fp32", recipe.precision})
-    mine = [a for a in run.manifest.artifacts
-            if a.task == task.name and (a.precision in precisions or a.kind not in ("onnx", "engine"))]
-    previous = previous_results(run.manifest)
-    if all(a.path in previous and previous[a.path].status != "FAIL" and previous[a.path].tolerances
-           == (tolerances_for(a.precision, a.kind, recipe.tolerances) if a.kind in ("onnx", "engine") else {})
-           for a in mine) and _validated_on(run.manifest.root) == ", ".join(providers(device)):
+    scope = {"device": device, "tasks": [task.name], "precisions": sorted({"fp32", recipe.precision}),
+             "tolerances": recipe.tolerances or None}
+    if up_to_date(run.manifest, **scope):
         run.note("validate", "cached")
         return
     start = time.perf_counter()
-    run.result.report = validate(run.manifest.root, device=device, tasks=[task.name], precisions=precisions,
-                                 tolerances=recipe.tolerances or None)
+    run.result.report = validate(run.manifest.root, **scope)
     run.note("validate", f"done in {time.perf_counter() - start:.1f} s")
-
-
-def _validated_on(root: Path) -> str | None:
-    try:
-        return json.loads((root / "validation.json").read_text())["device"]
-    except (OSError, ValueError, KeyError):
-        return None

@@ -41,7 +41,7 @@ def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisi
     manifest = _open_manifest(out_dir, checkpoint)
     model, seeded = build_reference(task, checkpoint.config, checkpoint.state_dict,
                                     init_missing_head=init_missing_head, source=source)
-    del checkpoint  # the model holds its own fp32 copy; at 345M the checkpoint's tensors are another 0.7-1.3 GB
+    del checkpoint  # the model holds (fp32) or converted (fp16) the weights; nothing else needs the rest
     folder = out_dir / task.name
     previous = {a.sha256 for a in manifest.find(task.name, "fp32", "onnx")}
     fp32 = export_onnx(model, folder / "model.fp32.onnx", opset=opset)

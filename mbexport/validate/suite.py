@@ -39,10 +39,7 @@ def validate(out_dir: str | Path, *, device: str = "cpu", tasks=None, precisions
     Raises ValidationFailed (exit 1), with the report as ``.report``, when any check fails.
     """
     manifest = Manifest.load(out_dir)
-    task_names = {get_task(t).name for t in tasks} if tasks else None
-    selected = [a for a in manifest.artifacts
-                if (task_names is None or a.task in task_names)
-                and (precisions is None or a.precision in precisions or a.kind not in RUNNABLE)]
+    selected = _select(manifest, tasks, precisions)
     runnable = [a for a in selected if a.kind in RUNNABLE]
     if not runnable:
         raise MbexportError("nothing to validate: no ONNX or engine artifact in the manifest"
@@ -66,21 +63,42 @@ def validate(out_dir: str | Path, *, device: str = "cpu", tasks=None, precisions
     return report
 
 
-def previous_results(manifest: Manifest) -> dict[str, ArtifactResult]:
-    """validation.json's results by artifact path, for files that are still as they were validated."""
-    path = manifest.root / "validation.json"
-    if not path.is_file():
-        return {}
+def up_to_date(manifest: Manifest, *, device: str = "cpu", tasks=None, precisions=None,
+               tolerances: dict | None = None) -> bool:
+    """Whether validation.json already holds a non-failing result, under these tolerances and on this
+    device, for every file ``validate`` would check with the same arguments (so it can be skipped)."""
+    used_device, previous = _previous(manifest)
+    if used_device != ", ".join(providers(device)):
+        return False
+    for artifact in _select(manifest, tasks, precisions):
+        result = previous.get(artifact.path)
+        wanted = tolerances_for(artifact.precision, artifact.kind, tolerances) if artifact.kind in RUNNABLE else {}
+        if result is None or result.status == "FAIL" or result.tolerances != wanted:
+            return False
+    return True
+
+
+def _select(manifest: Manifest, tasks, precisions) -> list[Artifact]:
+    """The artifacts of ``tasks`` at ``precisions`` (None: all), with every non-runnable file they rely on."""
+    task_names = {get_task(t).name for t in tasks} if tasks else None
+    return [a for a in manifest.artifacts
+            if (task_names is None or a.task in task_names)
+            and (precisions is None or a.precision in precisions or a.kind not in RUNNABLE)]
+
+
+def _previous(manifest: Manifest) -> tuple[str | None, dict[str, ArtifactResult]]:
+    """validation.json's device, and its results by path for files that are still as they were validated."""
     try:
-        entries = [ArtifactResult.from_dict(a) for a in json.loads(path.read_text())["artifacts"]]
-    except (ValueError, KeyError, TypeError):
-        return {}  # unreadable: everything is validated again
+        data = json.loads((manifest.root / "validation.json").read_text())
+        entries = [ArtifactResult.from_dict(a) for a in data["artifacts"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, {}  # none or unreadable: everything is validated again
     current = {(a.path, a.sha256) for a in manifest.artifacts}
-    return {e.path: e for e in entries if (e.path, e.sha256) in current}
+    return data.get("device"), {e.path: e for e in entries if (e.path, e.sha256) in current}
 
 
 def _still_valid(manifest: Manifest, validated: set[str]) -> list[ArtifactResult]:
-    return [r for path, r in previous_results(manifest).items() if path not in validated]
+    return [r for path, r in _previous(manifest)[1].items() if path not in validated]
 
 
 def validate_artifact(manifest: Manifest, artifact: Artifact, *, device: str = "cpu",
