@@ -20,12 +20,12 @@ from typing import Callable
 
 import mbexport
 from mbexport import engine
+from mbexport.config import MegatronBertConfig
 from mbexport.errors import CheckpointError, MbexportError
 from mbexport.export import convert_fp16, export, source_sha256
 from mbexport.export.onnxfile import external_data_name
 from mbexport.fsutil import sha256_file
 from mbexport.manifest import Artifact, Manifest
-from mbexport.config import MegatronBertConfig
 from mbexport.quantize import calibration_batches, quantize_onnx
 from mbexport.recipes import Recipe
 from mbexport.tasks import Task, get_task

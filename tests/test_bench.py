@@ -9,8 +9,8 @@ import pytest
 from mbexport.bench import dense_peak, model_flops
 from mbexport.bench.timing import measure, summarize
 from mbexport.cli import main
-from mbexport.manifest import Manifest
 from mbexport.config import MegatronBertConfig
+from mbexport.manifest import Manifest
 from mbexport.tasks import get_task
 
 TINY = MegatronBertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from mbexport.config import MegatronBertConfig
 from mbexport.deploy import postprocess
 from mbexport.deploy.pipeline import TextPipeline
 from mbexport.deploy.run import answer
@@ -18,7 +19,6 @@ from mbexport.errors import MbexportError
 from mbexport.export import export_onnx
 from mbexport.manifest import Manifest
 from mbexport.model import MegatronBert
-from mbexport.config import MegatronBertConfig
 from mbexport.tasks import get_task
 
 WORDS = ("paris is the capital of france berlin germany what city river seine flows through rome italy "

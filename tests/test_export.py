@@ -9,11 +9,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from mbexport.config import MegatronBertConfig  # noqa: E402
 from mbexport.export import convert_fp16, export, export_onnx  # noqa: E402
 from mbexport.fsutil import sha256_file  # noqa: E402
 from mbexport.inputs import sample_batch  # noqa: E402
 from mbexport.manifest import Manifest  # noqa: E402
-from mbexport.config import MegatronBertConfig  # noqa: E402
 from mbexport.model import MASK_VALUE, build_reference  # noqa: E402
 from mbexport.runtime import ort_session  # noqa: E402
 from mbexport.tasks import TASKS  # noqa: E402

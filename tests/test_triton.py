@@ -21,12 +21,12 @@ import numpy as np
 import onnx
 import pytest
 
+from mbexport.config import MegatronBertConfig
 from mbexport.deploy.run import answer
 from mbexport.deploy.triton import write_repository
 from mbexport.errors import MbexportError
 from mbexport.fsutil import sha256_file
 from mbexport.manifest import Artifact, Manifest
-from mbexport.config import MegatronBertConfig
 from mbexport.runtime import ort_session
 from test_deploy import CONFIG, TEXTS, shared_artifacts
 

@@ -17,12 +17,12 @@ from typing import Callable
 from mbexport.bench.flops import dense_peak, model_flops
 from mbexport.bench.report import plot, summary
 from mbexport.bench.timing import cpu_name, measure, ort_timer, summarize, torch_timer, trt_timer
+from mbexport.config import MegatronBertConfig
 from mbexport.engine import gpu_info, tensorrt_available, trt_runner
 from mbexport.errors import MbexportError
 from mbexport.fsutil import write_json_atomic
 from mbexport.inputs import sample_batch
 from mbexport.manifest import Artifact, Manifest, library_versions
-from mbexport.config import MegatronBertConfig
 from mbexport.runtime import ort_session
 from mbexport.tasks import Task, get_task
 

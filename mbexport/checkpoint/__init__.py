@@ -19,9 +19,9 @@ from mbexport.checkpoint.huggingface import is_hf_folder, read_hf_folder, write_
 from mbexport.checkpoint.megatron import (SHARD_DIR, TRACKER, Files, Shard, iteration_folder, load_file, merge_shards,
                                           read_shard, shard_files)
 from mbexport.checkpoint.progress import status
+from mbexport.config import MEGATRON_LAYERNORM_EPS, MegatronBertConfig
 from mbexport.errors import CheckpointError
 from mbexport.fsutil import atomic_dir, write_json_atomic
-from mbexport.config import MEGATRON_LAYERNORM_EPS, MegatronBertConfig
 from mbexport.tasks import TASKS
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_hf_folder"]

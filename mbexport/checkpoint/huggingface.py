@@ -15,8 +15,8 @@ import torch
 from mbexport.checkpoint import names
 from mbexport.checkpoint.progress import progress
 from mbexport.checkpoint.megatron import load_file
-from mbexport.errors import CheckpointError
 from mbexport.config import MegatronBertConfig
+from mbexport.errors import CheckpointError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SAFETENSORS_DTYPES = {

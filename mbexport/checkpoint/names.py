@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from mbexport.errors import CheckpointError
 from mbexport.config import MegatronBertConfig
+from mbexport.errors import CheckpointError
 
 # Any era's key -> canonical key; applied in order (docs/megatron-checkpoints.md sections 1, 2 and 5).
 ALIASES: tuple[tuple[str, str], ...] = tuple((re.compile(p), r) for p, r in (

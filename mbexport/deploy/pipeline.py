@@ -16,10 +16,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 import mbexport.model  # noqa: F401  # before mbexport.tasks: importing tasks first trips the tasks <-> model cycle
+from mbexport.config import MegatronBertConfig
 from mbexport.deploy import postprocess
 from mbexport.errors import MbexportError
 from mbexport.manifest import Manifest
-from mbexport.config import MegatronBertConfig
 from mbexport.tasks import Task, get_task
 from mbexport.text import encode, load_tokenizer
 

@@ -11,11 +11,11 @@ from typing import Mapping
 
 import numpy as np
 
+from mbexport.config import MegatronBertConfig
 from mbexport.deploy.pipeline import TextPipeline, text_task
 from mbexport.engine import tensorrt_available, trt_runner
 from mbexport.errors import MbexportError
 from mbexport.manifest import Artifact, Manifest
-from mbexport.config import MegatronBertConfig
 from mbexport.runtime import ort_session
 from mbexport.tasks import Task, get_task
 

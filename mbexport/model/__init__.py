@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from mbexport.errors import CheckpointError, MbexportError
 from mbexport.config import MegatronBertConfig
+from mbexport.errors import CheckpointError, MbexportError
 from mbexport.model.modeling import MASK_VALUE, MegatronBert
 from mbexport.tasks import Task, get_task
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mbexport.config import MegatronBertConfig
 from mbexport.errors import MbexportError
 from mbexport.inputs import sample_batch
-from mbexport.config import MegatronBertConfig
 from mbexport.tasks import Task, get_task
 from mbexport.text import encode, load_tokenizer, read_lines
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mbexport.config import MegatronBertConfig
 from mbexport.errors import MbexportError, ValidationFailed
 from mbexport.export.onnxfile import external_data_name
 from mbexport.fsutil import sha256_file
 from mbexport.inputs import sample_batch
 from mbexport.manifest import Artifact, Manifest
-from mbexport.config import MegatronBertConfig
 from mbexport.runtime import ort_session, providers
 from mbexport.tasks import Task, get_task
 from mbexport.validate.checks import Check, compare, tolerances_for
