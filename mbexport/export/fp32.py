@@ -3,7 +3,8 @@
 Uses ``torch.export`` (the dynamo exporter): it yields plain standard ops with initializers instead of
 Constant nodes, native LayerNormalization at opset 17, and keeps the dynamic dims named as in the registry.
 The model is switched to its explicit attention (MatMul(Q * scale, K^T) + mask -> Softmax -> MatMul, finite
-mask value), the pattern TensorRT fuses.
+mask value), the pattern TensorRT fuses. Only the first encoder block is traced and optimized; the others are
+copies of its graph (``export.blocks``), which cuts a 345M export from 34 s to under 20.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx_ir
 import torch
 
 from mbexport.errors import MbexportError
+from mbexport.export.blocks import first_block_only, repeat_first_block, weights_as_inputs
 from mbexport.export.onnxfile import checked_onnx, external_data_name
 from mbexport.inputs import sample_batch
 from mbexport.model import MegatronBert
@@ -42,18 +45,41 @@ def export_onnx(model: MegatronBert, out_path: str | Path, *, opset: int = 17) -
 
 
 def _write(model: MegatronBert, path: Path, opset: int) -> None:
+    task = model.task
+    args, dynamic_shapes = trace_inputs(model)
+    with first_block_only(model) as blocks:  # the other blocks are copies of its graph: see export.blocks
+        program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    input_names=task.input_names, output_names=task.output_names,
+                                    opset_version=max(opset, NATIVE_OPSET), optimize=False, verbose=False)
+    with weights_as_inputs(program.model.graph):
+        program.optimize()  # the exporter's own optimizer, on one block
+    repeat_first_block(program.model, blocks)
+    _retarget(program.model, opset)
+    _contiguous(program.model.graph)
+    onnx_ir.save(program.model, path, external_data=external_data_name(path))  # streamed, one tensor at a time
+
+
+def trace_inputs(model: MegatronBert) -> tuple[tuple[torch.Tensor, ...], dict]:
+    """The example inputs and ``dynamic_shapes`` that ``torch.onnx.export`` traces ``model`` with."""
     task, config = model.task, model.config
     example = sample_batch(task, config, EXAMPLE["batch"], EXAMPLE["sequence"], num_choices=EXAMPLE["num_choices"])
-    args = tuple(torch.from_numpy(example[name]) for name in task.input_names)
     dims = {name: torch.export.Dim(name, min=1, max=config.max_position_embeddings if name == "sequence" else None)
             for name in ("batch", "num_choices", "sequence")}
-    dynamic_shapes = {spec.name: {axis: dims[dim] for axis, dim in spec.dynamic_axes().items()}
-                      for spec in task.inputs}
-    program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                input_names=task.input_names, output_names=task.output_names,
-                                opset_version=max(opset, NATIVE_OPSET), verbose=False)
-    _retarget(program.model, opset)
-    onnx_ir.save(program.model, path, external_data=external_data_name(path))  # streamed, one tensor at a time
+    return (tuple(torch.from_numpy(example[name]) for name in task.input_names),
+            {spec.name: {axis: dims[dim] for axis, dim in spec.dynamic_axes().items()} for spec in task.inputs})
+
+
+def _contiguous(graph: onnx_ir.Graph) -> None:
+    """Make strided weights (the folded transposes are numpy views) C-ordered, one at a time as they are saved.
+
+    onnx_ir writes a strided array with ``ndarray.tofile``, element by element: 5.4 s instead of 2 s for the
+    345M model's weights.
+    """
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor.raw, np.ndarray) and not tensor.raw.flags.c_contiguous:
+            value.const_value = onnx_ir.LazyTensor(lambda array=tensor.raw: onnx_ir.Tensor(np.ascontiguousarray(array)),
+                                                   dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
 
 
 def _retarget(model: onnx_ir.Model, opset: int) -> None:
