@@ -148,7 +148,8 @@ def test_missing_folder_and_tampered_artifact_exit_2(artifacts, tmp_path, capsys
 
 
 def test_ort_timer_runs_the_session_it_times(artifacts):
-    """The timed callable really computes the model: its session's outputs equal a direct run's."""
+    """The timed callable really computes the model: its bound outputs equal a direct run's, run after run
+    (the IO binding code is the one the CUDA provider uses, on the CPU device)."""
     from mbexport.bench.timing import ort_timer
     from mbexport.inputs import sample_batch
     from mbexport.runtime import ort_session
@@ -156,12 +157,17 @@ def test_ort_timer_runs_the_session_it_times(artifacts):
     session = ort_session(artifacts / "question-answering" / "model.fp32.onnx")
     config = MegatronBertConfig.from_hf_dict(Manifest.load(artifacts).config)
     feed = sample_batch(get_task("qa"), config, 2, 16)
-    calls = []
-    real_run = session.run
-    session.run = lambda names, inputs: calls.append(inputs) or real_run(names, inputs)
+    expected = session.run(None, feed)
+    bindings, calls = [], []
+    make_binding, run_bound = session.io_binding, session.run_with_iobinding
+    session.io_binding = lambda: bindings.append(make_binding()) or bindings[-1]
+    session.run_with_iobinding = lambda binding: calls.append(binding) or run_bound(binding)
     timer = ort_timer(session, feed)
-    assert timer() > 0 and timer() > 0 and len(calls) == 2
-    assert all(np.array_equal(calls[0][name], feed[name]) for name in feed)
+    for _ in range(2):
+        assert timer() > 0
+        for got, want in zip(bindings[0].copy_outputs_to_cpu(), expected):
+            np.testing.assert_array_equal(got, want)
+    assert len(bindings) == 1 and len(calls) == 3  # one untimed run allocates the outputs, then two timed
 
 
 def _ort_cuda() -> bool:

@@ -4,12 +4,12 @@ Each ``*_timer`` prepares its inputs once (on the GPU for GPU backends) and retu
 one inference and returns its latency in milliseconds:
 
 - PyTorch on CUDA: CUDA events around the forward pass, read after the end event completes.
-- ONNX Runtime on CUDA: IO binding with device-resident inputs and outputs (a plain ``session.run`` would
+- ONNX Runtime: IO binding with device-resident inputs and outputs (on CUDA a plain ``session.run`` would
   copy them to and from the host every call); ``run_with_iobinding`` synchronizes the stream before it
   returns, so a host clock around it is exact.
 - TensorRT: Polygraphy's ``TrtRunner`` fed CUDA tensors with ``copy_outputs_to_host=False``; ``infer``
   synchronizes its stream before returning.
-- CPU backends: ``perf_counter`` around the call.
+- PyTorch on the CPU: ``perf_counter`` around the call.
 """
 
 from __future__ import annotations
@@ -69,19 +69,22 @@ def torch_timer(model, feed: Mapping[str, np.ndarray], device: str = "cpu") -> T
 
 
 def ort_timer(session, feed: Mapping[str, np.ndarray]) -> Timer:
-    """Time ``session``; on the CUDA provider inputs and outputs stay on the GPU (IO binding)."""
-    if session.get_providers()[0] != "CUDAExecutionProvider":
-        return _host_clock(lambda: session.run(None, dict(feed)))
+    """Time ``session`` through IO binding: inputs and outputs stay on the provider's device.
+
+    The same code runs on the CPU provider (where it saves only the output allocations), so the CUDA path
+    is the one the CPU tests exercise, with the device name swapped.
+    """
     import onnxruntime as ort
 
+    device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     binding = session.io_binding()
-    inputs = [ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0) for array in feed.values()]
+    inputs = [ort.OrtValue.ortvalue_from_numpy(array, device, 0) for array in feed.values()]
     for name, value in zip(feed, inputs):
         binding.bind_ortvalue_input(name, value)
     for output in session.get_outputs():
-        binding.bind_output(output.name, "cuda")
+        binding.bind_output(output.name, device)
     session.run_with_iobinding(binding)
-    # Re-bind the device buffers ORT just allocated, so no run allocates (the binding shares ownership).
+    # Re-bind the buffers ORT just allocated, so no timed run allocates (the binding shares ownership).
     for output, value in zip(session.get_outputs(), binding.get_outputs()):
         binding.bind_ortvalue_output(output.name, value)
     return _host_clock(lambda: session.run_with_iobinding(binding))
