@@ -33,12 +33,12 @@ def random_model(task: str) -> MegatronBert:
 def full_trace(model: MegatronBert, path) -> None:
     """What export did before it repeated blocks: torch.onnx.export over all of them, its optimizer on."""
     args, dynamic_shapes = trace_inputs(model)
-    model.explicit_attention = True
+    model.export_form = True
     with _quiet():
         torch.onnx.export(model, args, str(path), dynamo=True, dynamic_shapes=dynamic_shapes,
                           input_names=model.task.input_names, output_names=model.task.output_names,
                           opset_version=NATIVE_OPSET)
-    model.explicit_attention = False
+    model.export_form = False
 
 
 def run(path, task, feed):

@@ -46,12 +46,12 @@ def batch(task, b=3, s=11):
 
 
 @pytest.mark.parametrize("name", list(TASKS))
-@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit"])
-def test_matches_transformers(name, explicit):
+@pytest.mark.parametrize("export_form", [False, True], ids=["torch-form", "export-form"])
+def test_matches_transformers(name, export_form):
     task = TASKS[name]
     oracle = hf_model(task)
     ours, seeded = build_reference(task, CONFIG, hf_state(oracle))
-    ours.explicit_attention = explicit
+    ours.export_form = export_form
     assert seeded == []
     ids, mask, types = batch(task)
     with torch.no_grad():

@@ -200,7 +200,7 @@ def _torch_opener(manifest: Manifest, task: Task, device: str, precision: str) -
         from mbexport.validate import load_reference
 
         model = load_reference(manifest, task)
-        model.explicit_attention = False  # scaled_dot_product_attention: PyTorch's fast path
+        model.export_form = False  # scaled_dot_product_attention and F.gelu: PyTorch's fast path
         model.to(device=device, dtype=torch.float16 if precision == "fp16" else torch.float32)
         return lambda feed: torch_timer(model, feed, device)
     return open_

@@ -5,9 +5,10 @@ MLP in every block (pre-LN), a final LayerNorm follows the last block, and the e
 Module and parameter names are Hugging Face's (``bert.encoder.layer.0.attention.self.query.weight``), so a
 ``transformers`` MegatronBert folder loads with no renaming and ``transformers`` can serve as the oracle.
 
-Two attention paths compute the same thing: ``scaled_dot_product_attention`` (fast in PyTorch) and an
-explicit MatMul -> add mask -> Softmax -> MatMul with the 1/sqrt(d) scale on Q, which is the pattern
-TensorRT fuses; export switches to it with ``model.explicit_attention = True``.
+Two forms compute the same thing. The PyTorch form uses ``scaled_dot_product_attention`` and ``F.gelu`` (fast
+in PyTorch). The export form, switched on with ``model.export_form = True``, spells out what the ONNX graph
+should hold: attention as MatMul -> add mask -> Softmax -> MatMul with the 1/sqrt(d) scale on Q (the pattern
+TensorRT fuses), and GELU in the operand order ONNX Runtime fuses (see ``gelu``).
 """
 
 from __future__ import annotations
@@ -64,18 +65,18 @@ class Layer(nn.Module):
         self.intermediate = Namespace(dense=nn.Linear(h, c.intermediate_size))
         self.output = Namespace(dense=nn.Linear(c.intermediate_size, h))
 
-    def forward(self, x, mask, explicit_attention: bool):
+    def forward(self, x, mask, export_form: bool):
         qkv = self.attention.self
         y = self.attention.ln(x)
         q, k, v = (self._split_heads(proj(y)) for proj in (qkv.query, qkv.key, qkv.value))
-        if explicit_attention:
+        if export_form:
             scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2) + mask
             context = scores.softmax(dim=-1) @ v
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         context = context.transpose(1, 2).flatten(2)  # [b, heads, s, d] -> [b, s, h]
         x = x + self.attention.output.dense(context)
-        return x + self.output.dense(F.gelu(self.intermediate.dense(self.ln(x))))
+        return x + self.output.dense(gelu(self.intermediate.dense(self.ln(x)), export_form))
 
     def _split_heads(self, t):
         return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [b, s, h] -> [b, heads, s, d]
@@ -91,11 +92,11 @@ class Trunk(nn.Module):
                                  ln=nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps))
         self.pooler = Namespace(dense=nn.Linear(c.hidden_size, c.hidden_size)) if pooler else None
 
-    def forward(self, input_ids, attention_mask, token_type_ids, causal: bool, explicit_attention: bool):
+    def forward(self, input_ids, attention_mask, token_type_ids, causal: bool, export_form: bool):
         mask = additive_mask(attention_mask, causal).to(self.encoder.ln.weight.dtype)
         x = self.embeddings(input_ids, token_type_ids)
         for layer in self.encoder.layer:
-            x = layer(x, mask, explicit_attention)
+            x = layer(x, mask, export_form)
         x = self.encoder.ln(x)
         pooled = torch.tanh(self.pooler.dense(x[:, 0])) if self.pooler is not None else None
         return x, pooled
@@ -110,6 +111,15 @@ def additive_mask(attention_mask, causal: bool):
     return torch.where(keep, 0.0, MASK_VALUE)
 
 
+def gelu(x, spelled_out: bool):
+    """Exact (erf) GELU; spelled out, in the operand order ONNX Runtime fuses into one kernel, for export.
+
+    torch's exporter writes ``x * (0.5 * (1 + erf(x / sqrt 2)))``, which ORT leaves as five kernels; written
+    as ``(x * (1 + erf(x / sqrt 2))) * 0.5`` it becomes ORT's BiasGelu. TensorRT fuses either.
+    """
+    return x * (1.0 + torch.erf(x / math.sqrt(2.0))) * 0.5 if spelled_out else F.gelu(x)
+
+
 class LMHead(nn.Module):
     """``cls.predictions``: dense -> GELU -> LayerNorm -> logits over the (padded) vocab, decoder tied."""
 
@@ -119,8 +129,8 @@ class LMHead(nn.Module):
                                    LayerNorm=nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps))
         self.bias = nn.Parameter(torch.zeros(c.vocab_size))
 
-    def forward(self, x, word_embeddings):
-        x = self.transform.LayerNorm(F.gelu(self.transform.dense(x)))
+    def forward(self, x, word_embeddings, export_form: bool):
+        x = self.transform.LayerNorm(gelu(self.transform.dense(x), export_form))
         return F.linear(x, word_embeddings, self.bias)
 
 
@@ -130,7 +140,7 @@ class MegatronBert(nn.Module):
     def __init__(self, config: MegatronBertConfig, task: str | Task):
         super().__init__()
         self.config, self.task = config, get_task(task) if isinstance(task, str) else task
-        self.explicit_attention = False
+        self.export_form = False
         h, name = config.hidden_size, self.task.name
         self.bert = Trunk(config, pooler=self.task.pooler)
         if name in ("masked-lm", "causal-lm"):
@@ -155,16 +165,16 @@ class MegatronBert(nn.Module):
         if choices_shape is not None:  # [b, choices, s] -> [b * choices, s]
             input_ids, attention_mask, token_type_ids = (
                 t.flatten(0, 1) for t in (input_ids, attention_mask, token_type_ids))
-        x, pooled = self.bert(input_ids, attention_mask, token_type_ids, self.task.causal, self.explicit_attention)
+        x, pooled = self.bert(input_ids, attention_mask, token_type_ids, self.task.causal, self.export_form)
         name = self.task.name
         if name == "model":
             return x, pooled
         if name in ("masked-lm", "causal-lm"):
-            return (self.cls.predictions(x, self.bert.embeddings.word_embeddings.weight),)
+            return (self.cls.predictions(x, self.bert.embeddings.word_embeddings.weight, self.export_form),)
         if name == "next-sentence":
             return (self.cls.seq_relationship(pooled),)
         if name == "pretraining":
-            return (self.cls.predictions(x, self.bert.embeddings.word_embeddings.weight),
+            return (self.cls.predictions(x, self.bert.embeddings.word_embeddings.weight, self.export_form),
                     self.cls.seq_relationship(pooled))
         if name == "sequence-classification":
             return (self.classifier(pooled),)
