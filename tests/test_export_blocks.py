@@ -65,3 +65,14 @@ def test_repeated_blocks_match_a_full_trace(task, tmp_path):
         np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-5)
         np.testing.assert_allclose(mine, expected, rtol=0, atol=1e-5)
 
+
+
+def test_a_graph_without_module_scopes_is_refused_in_one_line(tmp_path, monkeypatch):
+    """An exporter that records no module scopes (another torch) gives a clear error and no file."""
+    import mbexport.export.blocks as blocks
+    from mbexport.errors import MbexportError
+
+    monkeypatch.setattr(blocks, "SCOPES", "no.such.metadata")
+    with pytest.raises(MbexportError, match="cannot find encoder block 0") as error:
+        export_onnx(random_model("question-answering"), tmp_path / "model.onnx")
+    assert "\n" not in str(error.value) and list(tmp_path.iterdir()) == []

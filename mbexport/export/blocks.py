@@ -2,11 +2,12 @@
 
 Two exporter costs grow with the number of blocks: torch.export traces each one (about 0.7 s per block at
 the 345M shape on two cores: 17 of the 20 s a 24-block export took) and the onnxscript rewriter grows faster
-than the graph (3.7 s over 24 blocks, 0.1 s over one). Yet the blocks are one graph with different weights. So the model is traced with its first block only; the
-exporter's optimizer runs on that small graph, with the block's weights made graph inputs so that nothing
-is folded into or merged with them; the block's nodes are then copied once per further block, bound to that
-block's parameters, and a last pass of constant folding (the weights' transposes), initializer deduplication
-and common-subexpression elimination runs over the whole graph, all linear in its size.
+than the graph (3.7 s over 24 blocks, 0.1 s over one). Yet the blocks are one graph with different weights.
+So the model is traced with its first block only; the exporter's optimizer runs on that small graph, with
+the block's weights made graph inputs so that nothing is folded into or merged with them; the block's nodes
+are then copied once per further block, bound to that block's parameters, and a last pass of constant
+folding (the weights' transposes), initializer deduplication and common-subexpression elimination runs over
+the whole graph, all linear in its size.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from collections.abc import Iterator, Sequence
 
 import onnx_ir as ir
 import onnxscript.optimizer
+import torch
 from onnx_ir.passes import common
 from torch import nn
 
+from mbexport.errors import MbexportError
 from mbexport.model import MegatronBert
 
 SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata: the module path the exporter traced the node in
@@ -70,12 +73,12 @@ def repeat_first_block(model: ir.Model, blocks: Sequence[nn.Module]) -> None:
     inside = {value for node in nodes for value in node.outputs}
     leaving = [v for v in inside if v.is_graph_output() or any(user not in nodes for user, _ in v.uses())]
     if len(leaving) != 1 or leaving[0].is_graph_output():
-        raise RuntimeError(f"the traced {first} must hand one hidden state to later nodes, not {leaving}")
+        _unrecognized(f"{len(leaving)} values leave it, not one hidden state")
     (output,) = leaving
     entering = {v for node in nodes for v in node.inputs if v is not None and v not in inside}
     hidden = [v for v in entering if not v.is_initializer() and v.type == output.type and v.shape == output.shape]
     if len(hidden) != 1:
-        raise RuntimeError(f"found {len(hidden)} hidden-state inputs to the traced {first}, not one")
+        _unrecognized(f"{len(hidden)} inputs look like the hidden state, not one")
     readers = [(user, position) for user, position in output.uses() if user not in nodes]
     last, carried = nodes[-1], output  # copies go right after: everything they read is defined by then
     for index, block in enumerate(blocks[1:], start=1):
@@ -102,6 +105,11 @@ def repeat_first_block(model: ir.Model, blocks: Sequence[nn.Module]) -> None:
     onnxscript.optimizer.fold_constants(model)
     ir.passes.Sequential(common.RemoveUnusedNodesPass(), common.DeduplicateInitializersPass(),
                          common.CommonSubexpressionEliminationPass(), common.NameFixPass())(model)
+
+
+def _unrecognized(why: str):
+    raise MbexportError(f"export cannot find encoder block 0 in the graph torch {torch.__version__} traced ({why}); "
+                        "its exporter may not record module scopes as torch 2.13's does")
 
 
 def _bind(graph: ir.Graph, template: ir.Value, name: str, weight) -> ir.Value:
