@@ -88,16 +88,7 @@ def repeat_first_block(model: ir.Model, blocks: Sequence[nn.Module]) -> None:
             if value.is_initializer() and value.name.startswith(first + "."):
                 values[value] = _bind(graph, value, value.name.replace(first, scope, 1),
                                       weights[value.name.removeprefix(first + ".")])
-        copies = []
-        for node in nodes:
-            copy = ir.Node(node.domain, node.op_type, [values.get(v, v) for v in node.inputs],
-                           node.attributes.values(), overload=node.overload, num_outputs=len(node.outputs),
-                           version=node.version, name=f"{node.name}.{index}",
-                           metadata_props={k: v.replace(first, scope) for k, v in node.metadata_props.items()})
-            for old, new in zip(node.outputs, copy.outputs):
-                new.name, new.type, new.shape = f"{old.name}.{index}", old.type, old.shape
-                values[old] = new
-            copies.append(copy)
+        copies = [_copy(node, values, index) for node in nodes]
         graph.insert_after(last, copies)
         last, carried = copies[-1], values[output]
     for user, position in readers:
@@ -105,6 +96,19 @@ def repeat_first_block(model: ir.Model, blocks: Sequence[nn.Module]) -> None:
     onnxscript.optimizer.fold_constants(model)
     ir.passes.Sequential(common.RemoveUnusedNodesPass(), common.DeduplicateInitializersPass(),
                          common.CommonSubexpressionEliminationPass(), common.NameFixPass())(model)
+
+
+def _copy(node: ir.Node, values: dict[ir.Value, ir.Value], index: int) -> ir.Node:
+    """``node`` for block ``index``: it reads ``values``' replacements, and its outputs are added to them."""
+    first, scope = BLOCK.format(0), BLOCK.format(index)
+    copy = ir.Node(node.domain, node.op_type, [values.get(v, v) for v in node.inputs], node.attributes.values(),
+                   overload=node.overload, num_outputs=len(node.outputs), version=node.version,
+                   name=f"{node.name}.{index}",
+                   metadata_props={k: v.replace(first, scope) for k, v in node.metadata_props.items()})
+    for old, new in zip(node.outputs, copy.outputs):
+        new.name, new.type, new.shape = f"{old.name}.{index}", old.type, old.shape
+        values[old] = new
+    return copy
 
 
 def _unrecognized(why: str):
