@@ -21,6 +21,11 @@ MANIFEST = "manifest.json"
 SCHEMA = 1
 
 
+def external_data_name(onnx_path: str | Path) -> str:
+    """The one external data file name mbexport uses: ``model.fp32.onnx.data`` beside ``model.fp32.onnx``."""
+    return Path(onnx_path).name + ".data"
+
+
 def io_spec(task: Task) -> dict:
     """The IO description stored with each artifact (names, dtypes, symbolic dims)."""
     return {
@@ -78,8 +83,11 @@ class Manifest:
         return artifact
 
     def record(self, task: Task, precision: str, kind: str, path: str | Path, **details) -> Artifact:
-        """Hash a finished file and add it."""
+        """Hash a finished file and add it; an ONNX model's external data file (> 2 GB models) is hashed too."""
         rel = Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        data = (self.root / rel).parent / external_data_name(rel)
+        if kind == "onnx" and data.is_file():
+            details["external_data"] = {"path": data.name, "sha256": sha256_file(data)}
         return self.add(Artifact(task.name, precision, kind, rel, sha256_file(self.root / rel),
                                  io_spec(task), details))
 
@@ -98,6 +106,10 @@ class Manifest:
             return f"{artifact.path} is missing"
         if sha256_file(path) != artifact.sha256:
             return f"{artifact.path} changed since it was written (sha256 mismatch)"
+        data = artifact.details.get("external_data")
+        if data and (not (path.parent / data["path"]).is_file()
+                     or sha256_file(path.parent / data["path"]) != data["sha256"]):
+            return f"{data['path']} (external data) is missing or changed (sha256 mismatch)"
         return None
 
 

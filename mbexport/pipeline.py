@@ -23,7 +23,6 @@ from mbexport import engine
 from mbexport.config import MegatronBertConfig
 from mbexport.errors import CheckpointError, MbexportError
 from mbexport.export import convert_fp16, export, source_sha256
-from mbexport.export.onnxfile import external_data_name
 from mbexport.fsutil import sha256_file
 from mbexport.manifest import Artifact, Manifest
 from mbexport.quantize import calibration_batches, quantize_onnx
@@ -107,27 +106,17 @@ class _Run:
               upstream: Artifact | None = None) -> Artifact:
         path = self.manifest.root / task.name / f"model.{precision}.{'plan' if kind == 'engine' else 'onnx'}"
         for artifact in self.manifest.find(task.name, precision, kind):
-            if artifact.details.get("cache_key") == key and self._intact(artifact):
+            if artifact.details.get("cache_key") == key and self.manifest.verify(artifact) is None:
                 self.note(name, "cached")
                 return artifact
         start = time.perf_counter()
         details = make(path)  # writes ``path`` atomically
-        data = path.parent / external_data_name(path)
-        if kind == "onnx" and data.is_file():  # > 2 GB models keep their weights beside the graph
-            details["external_data"] = {"path": data.name, "sha256": sha256_file(data)}
         made_from = {"made_from": {"path": upstream.path, "sha256": upstream.sha256}} if upstream else {}
         artifact = self.manifest.record(task, precision, kind, path, **details, **made_from, cache_key=key)
         self._drop_stale()
         self.manifest.save()
         self.note(name, f"built in {time.perf_counter() - start:.1f} s")
         return artifact
-
-    def _intact(self, artifact: Artifact) -> bool:
-        if self.manifest.verify(artifact) is not None:
-            return False
-        data = artifact.details.get("external_data")
-        path = self.manifest.path_of(artifact).parent / data["path"] if data else None
-        return not data or (path.is_file() and sha256_file(path) == data["sha256"])
 
     def _drop_stale(self) -> None:
         """Forget (and delete) artifacts made from a file that has since changed, e.g. the engine of a

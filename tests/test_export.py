@@ -223,6 +223,28 @@ def test_missing_head_is_refused_and_leaves_no_artifact(example, cli, tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_the_manifest_records_and_checks_external_data(example, cli, tmp_path, monkeypatch):
+    """A model past 2 GB keeps its weights beside the graph: the manifest hashes that file too, and every
+    stage that trusts the manifest (here validate) notices when it changes."""
+    import mbexport.export.onnxfile as onnxfile
+
+    monkeypatch.setattr(onnxfile, "EXTERNAL_THRESHOLD", 0)  # pretend the tiny model passes 2 GB
+    out = tmp_path / "out"
+    manifest = export(example[0], "masked-lm", out)
+    (artifact,) = manifest.find("masked-lm", "fp32", "onnx")
+    data = out / "masked-lm" / "model.fp32.onnx.data"
+    assert artifact.details["external_data"] == {"path": data.name, "sha256": sha256_file(data)}
+    assert manifest.verify(artifact) is None
+    with open(data, "r+b") as f:  # same size, one weight byte flipped
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))
+    assert "model.fp32.onnx.data (external data) is missing or changed" in manifest.verify(artifact)
+    code, _, err = cli("validate", str(out))
+    assert code == 1 and "masked-lm/model.fp32.onnx" in err
+    assert "model.fp32.onnx.data (external data) is missing or changed" in (out / "validation.md").read_text()
+
+
 def test_cli_export_records_everything_and_the_seeded_head_reproduces(example, cli, tmp_path):
     zip_path, vocab = example
     out = tmp_path / "out"

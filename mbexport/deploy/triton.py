@@ -18,10 +18,9 @@ import numpy as np
 from mbexport.config import MegatronBertConfig
 from mbexport.deploy.pipeline import TEXT_TASKS, TextPipeline
 from mbexport.errors import MbexportError
-from mbexport.export.onnxfile import external_data_name
 from mbexport.fsutil import atomic_dir
 from mbexport.inputs import sample_batch
-from mbexport.manifest import Artifact, Manifest
+from mbexport.manifest import Artifact, Manifest, external_data_name
 from mbexport.tasks import Task, get_task
 
 MODEL_PY = Path(__file__).with_name("triton_model.py")  # not imported here: it needs Triton's pb_utils

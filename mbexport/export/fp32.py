@@ -21,8 +21,9 @@ import torch
 
 from mbexport.errors import MbexportError
 from mbexport.export.blocks import first_block_only, repeat_first_block, weights_as_inputs
-from mbexport.export.onnxfile import checked_onnx, external_data_name
+from mbexport.export.onnxfile import checked_onnx
 from mbexport.inputs import sample_batch
+from mbexport.manifest import external_data_name
 from mbexport.model import MegatronBert
 
 MIN_OPSET = 17

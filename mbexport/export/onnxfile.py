@@ -16,17 +16,13 @@ from pathlib import Path
 from typing import Iterator
 
 from mbexport.errors import MbexportError
+from mbexport.manifest import external_data_name
 
 PROTOBUF_LIMIT = 2**31  # a ModelProto cannot serialize beyond 2 GB: weights go to external data
 EXTERNAL_THRESHOLD = PROTOBUF_LIMIT - (64 << 20)  # leave room for the graph itself
 _GRAPH_FIELD = b"\x3a"  # ModelProto.graph: field 7, length-delimited
 _INITIALIZER_FIELD = b"\x2a"  # GraphProto.initializer: field 5, length-delimited
 _RAW_DATA_FIELD = b"\x4a"  # TensorProto.raw_data: field 9, length-delimited
-
-
-def external_data_name(onnx_path: str | Path) -> str:
-    """The one external data file name mbexport uses: ``model.fp32.onnx.data`` beside ``model.fp32.onnx``."""
-    return Path(onnx_path).name + ".data"
 
 
 @contextlib.contextmanager

@@ -11,9 +11,8 @@ from mbexport.checkpoint import Checkpoint, load_checkpoint
 from mbexport.errors import MbexportError
 from mbexport.export.fp16 import convert_fp16
 from mbexport.export.fp32 import export_onnx
-from mbexport.export.onnxfile import external_data_name
 from mbexport.fsutil import atomic_file, sha256_file
-from mbexport.manifest import MANIFEST, Artifact, Manifest
+from mbexport.manifest import MANIFEST, Manifest
 from mbexport.model import build_reference
 from mbexport.tasks import Task, get_task
 
@@ -45,7 +44,7 @@ def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisi
     folder = out_dir / task.name
     previous = {a.sha256 for a in manifest.find(task.name, "fp32", "onnx")}
     fp32 = export_onnx(model, folder / "model.fp32.onnx", opset=opset)
-    if _record_onnx(manifest, task, "fp32", fp32, opset=opset).sha256 not in previous:
+    if manifest.record(task, "fp32", "onnx", fp32, opset=opset).sha256 not in previous:
         # fp16/int8/fp8 files and engines made from an earlier, different fp32 no longer match the reference
         manifest.artifacts = [a for a in manifest.artifacts if not (
             a.task == task.name and a.kind in ("onnx", "engine") and (a.precision, a.kind) != ("fp32", "onnx"))]
@@ -64,8 +63,8 @@ def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisi
             shutil.copyfile(vocab, tmp)
         manifest.record(task, "-", "vocab", out_dir / VOCAB)
     if "fp16" in precisions:
-        _record_onnx(manifest, task, "fp16", convert_fp16(fp32, folder / "model.fp16.onnx"), opset=opset,
-                     converted_from=fp32.name)
+        manifest.record(task, "fp16", "onnx", convert_fp16(fp32, folder / "model.fp16.onnx"), opset=opset,
+                        converted_from=fp32.name)
     manifest.save()
     return manifest
 
@@ -91,9 +90,3 @@ def _open_manifest(out_dir: Path, checkpoint: Checkpoint) -> Manifest:
     manifest.source, manifest.config = source, checkpoint.config.to_hf_dict()
     return manifest
 
-
-def _record_onnx(manifest: Manifest, task: Task, precision: str, path: Path, **details) -> Artifact:
-    data = path.parent / external_data_name(path)
-    if data.is_file():
-        details["external_data"] = {"path": data.name, "sha256": sha256_file(data)}
-    return manifest.record(task, precision, "onnx", path, **details)

@@ -29,7 +29,7 @@ import numpy as np
 
 from mbexport.errors import MbexportError, MissingDependencyError
 from mbexport.export import convert_fp16
-from mbexport.export.onnxfile import external_data_name
+from mbexport.manifest import external_data_name
 
 MODES = ("int8", "fp8")
 METHODS = ("max", "entropy")

@@ -14,10 +14,8 @@ import numpy as np
 
 from mbexport.config import MegatronBertConfig
 from mbexport.errors import MbexportError, ValidationFailed
-from mbexport.export.onnxfile import external_data_name
-from mbexport.fsutil import sha256_file
 from mbexport.inputs import sample_batch
-from mbexport.manifest import Artifact, Manifest
+from mbexport.manifest import Artifact, Manifest, external_data_name
 from mbexport.runtime import ort_session, providers
 from mbexport.tasks import Task, get_task
 from mbexport.validate.checks import Check, compare, tolerances_for
@@ -167,13 +165,8 @@ def _integrity(manifest: Manifest, artifact: Artifact, overrides: dict | None) -
     result = ArtifactResult(artifact.task, artifact.precision, artifact.kind, artifact.path, artifact.sha256)
     if artifact.kind in RUNNABLE:
         result.tolerances = tolerances_for(artifact.precision, artifact.kind, overrides)
-    problem = manifest.verify(artifact)
-    data = artifact.details.get("external_data")
-    if problem is None and data:
-        data_path = manifest.path_of(artifact).parent / data["path"]
-        if not data_path.is_file() or sha256_file(data_path) != data["sha256"]:
-            problem = f"{data['path']} (external data) is missing or changed (sha256 mismatch)"
-    elif problem is None and artifact.kind == "onnx":
+    problem = manifest.verify(artifact)  # the file, and its external data when the manifest records one
+    if problem is None and artifact.kind == "onnx" and "external_data" not in artifact.details:
         stray = manifest.path_of(artifact).parent / external_data_name(artifact.path)
         if stray.exists() and _references_external_data(manifest.path_of(artifact)):
             problem = "refers to external data the manifest does not record"
