@@ -8,6 +8,7 @@ and dtypes. Nothing else in mbexport spells out a head's IO.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from mbexport.config import MegatronBertConfig
 from mbexport.errors import MbexportError
 

@@ -108,9 +108,10 @@ def _from_megatron(path: Path, fmt: str, shards: list[Shard], heads_option: int 
         raise CheckpointError("no word embeddings in the first shard: missing tensor or not a BERT", first.file)
     heads = heads_option or arg("num_attention_heads") or max(1, hidden // 64)
     heads_source = "option" if heads_option else "args" if arg("num_attention_heads") else "hidden/64"
-    info = {"checkpoint_version": 0 if first.version is None else first.version, "tensor_parallel": tp, "pipeline_parallel": pp,
-            "virtual_pipeline": len(first.chunks), "iteration": first.iteration or last.iteration,
-            "has_args": args is not None, "num_attention_heads_source": heads_source}
+    info = {"checkpoint_version": 0 if first.version is None else first.version, "tensor_parallel": tp,
+            "pipeline_parallel": pp, "virtual_pipeline": len(first.chunks),
+            "iteration": first.iteration or last.iteration, "has_args": args is not None,
+            "num_attention_heads_source": heads_source}
     state_dict = merge_shards(shards, heads)
     layers = 1 + max((int(k.split(".")[3]) for k in state_dict if k.startswith("bert.encoder.layer.")), default=-1)
     shape = lambda name, dim, default=0: state_dict[name].shape[dim] if name in state_dict else default  # noqa: E731

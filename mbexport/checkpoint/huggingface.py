@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from mbexport.checkpoint import names
-from mbexport.checkpoint.progress import progress
 from mbexport.checkpoint.megatron import load_file
+from mbexport.checkpoint.progress import progress
 from mbexport.config import MegatronBertConfig
 from mbexport.errors import CheckpointError
 

@@ -34,8 +34,8 @@ def build_reference(task: str | Task, config: MegatronBertConfig, state_dict: di
     missing = [name for name in wanted if name not in state_dict]
     broken = [name for name in missing if not name.startswith(head_prefixes(task))]
     if broken:
-        raise CheckpointError(f"missing tensor {broken[0]}" + (f" and {len(broken) - 1} more" if len(broken) > 1 else ""),
-                              source)
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise CheckpointError(f"missing tensor {broken[0]}{more}", source)
     for name, target in wanted.items():
         if name in state_dict and tuple(state_dict[name].shape) != tuple(target.shape):
             raise CheckpointError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, "

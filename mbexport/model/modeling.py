@@ -115,7 +115,8 @@ def gelu(x, spelled_out: bool):
     """Exact (erf) GELU; spelled out, in the operand order ONNX Runtime fuses into one kernel, for export.
 
     torch's exporter writes ``x * (0.5 * (1 + erf(x / sqrt 2)))``, which ORT leaves as five kernels; written
-    as ``(x * (1 + erf(x / sqrt 2))) * 0.5`` it becomes ORT's BiasGelu. TensorRT fuses either.
+    as ``(x * (1 + erf(x / sqrt 2))) * 0.5`` it becomes ORT's BiasGelu. Both are the same standard ops for
+    TensorRT.
     """
     return x * (1.0 + torch.erf(x / math.sqrt(2.0))) * 0.5 if spelled_out else F.gelu(x)
 
