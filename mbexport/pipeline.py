@@ -27,6 +27,7 @@ from mbexport.fsutil import sha256_file
 from mbexport.manifest import Artifact, Manifest
 from mbexport.quantize import calibration_batches, quantize_onnx
 from mbexport.recipes import Recipe
+from mbexport.runtime import providers
 from mbexport.tasks import Task, get_task
 from mbexport.validate import Report, tolerances_for, up_to_date, validate
 
@@ -57,6 +58,7 @@ def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = No
         tolerances_for(recipe.precision, "onnx", recipe.tolerances)
     except MbexportError as error:
         raise MbexportError(str(error), recipe.path) from None
+    providers(device)  # validation's device: an unknown one, or CUDA without onnxruntime-gpu, fails before the export
     target = recipe.target or ("engine" if engine.tensorrt_available() else "onnx")
     if target == "engine":
         engine.require_tensorrt()  # fail before any work, not after the export

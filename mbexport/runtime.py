@@ -11,11 +11,15 @@ from pathlib import Path
 
 from mbexport.errors import MbexportError
 
+DEVICES = ("cpu", "cuda", "auto")
+
 
 def providers(device: str = "cpu") -> list[str]:
     """Execution providers for ``device`` ('cpu', 'cuda', or 'auto' = CUDA when onnxruntime-gpu has it)."""
     import onnxruntime as ort
 
+    if device not in DEVICES:
+        raise MbexportError(f"unknown device '{device}' ({', '.join(DEVICES)})")
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -35,7 +39,8 @@ def ort_session(path: str | Path, device: str = "cpu", threads: int | None = Non
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    chosen = providers(device)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers(device))
+        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as error:  # ORT raises its own exception types for unreadable or invalid models
         raise MbexportError(f"ONNX Runtime cannot load it ({str(error).splitlines()[0]})", path) from None

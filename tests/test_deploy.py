@@ -173,6 +173,8 @@ def test_run_cli_json_and_errors(artifacts, cli, tmp_path):
     code, out, err = cli("run", str(root), "--task", "qa", "--backend", "tensorrt", "--question", "q",
                          "--context", "c")
     assert code == 2 and "TensorRT" in err
+    code, out, err = cli("run", str(root), "--task", "qa", "--question", "q", "--context", "c", "--device", "tpu")
+    assert code == 2 and "unknown device 'tpu'" in err and len(err.strip().splitlines()) == 1
     code, out, err = cli("run", str(root), "--task", "model", "--text", "paris")
     assert code == 2 and "no text-in, answer-out pipeline for 'model'" in err
     code, out, err = cli("run", str(root), "--task", "nsp", "--text", "paris", "--text-pair", "rome")

@@ -37,6 +37,7 @@ def validate(out_dir: str | Path, *, device: str = "cpu", tasks=None, precisions
     Raises ValidationFailed (exit 1), with the report as ``.report``, when any check fails.
     """
     manifest = Manifest.load(out_dir)
+    used = ", ".join(providers(device))  # an unknown device is bad input: refuse it before any work
     selected = _select(manifest, tasks, precisions)
     runnable = [a for a in selected if a.kind in RUNNABLE]
     if not runnable:
@@ -50,7 +51,7 @@ def validate(out_dir: str | Path, *, device: str = "cpu", tasks=None, precisions
                                  device=device, tolerances=tolerances)
     if tasks or precisions:  # a partial run keeps the earlier results of files it did not look at
         results += _still_valid(manifest, {r.path for r in results})
-    report = Report(manifest.root, ", ".join(providers(device)), _shapes(), results)
+    report = Report(manifest.root, used, _shapes(), results)
     report.save()
     if not report.passed:
         failed = [a.path for a in results if not a.passed]
