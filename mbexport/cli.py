@@ -6,7 +6,9 @@ on (``MbexportError``) become one line on stderr and a non-zero exit code; ``--d
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 
 import typer
 from rich.console import Console
@@ -25,6 +27,16 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
     _state["debug"] = debug
 
 
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Stage warnings (a seeded head, no calibration text) as one plain ``warning:`` line each on stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = lambda message, *_: err_console.print(f"warning: {message}", highlight=False,
+                                                                     markup=False, soft_wrap=True)
+        yield
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point. Usage errors, --help and typer.Exit are handled by click itself."""
     try:
@@ -36,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(error.exit_code)
 
 
-# ---- convert / inspect -----------------------------------------------------------------------------------------
+# ---- convert / inspect -----------------------------------------------------------------------------------------------
 @app.command("convert")
 def convert_command(
     src: str = typer.Argument(..., help="Checkpoint: NGC zip, Megatron folder or .pt, torch_dist folder, HF folder."),
@@ -110,10 +122,7 @@ def example_command(
     console.print(f"{zip_path}\n{vocab}", highlight=False, soft_wrap=True)
 
 
-# ---- end convert / inspect -------------------------------------------------------------------------------------
-
-
-# ---- export / validate (helper-2) ------------------------------------------------------------------------------
+# ---- export / validate -----------------------------------------------------------------------------------------------
 def _names(values: list[str] | None) -> list[str] | None:
     """Repeatable options that also take comma lists: --precision fp32,fp16 --precision int8."""
     return [v.strip() for value in values for v in value.split(",") if v.strip()] if values else None
@@ -131,16 +140,11 @@ def export_command(
     opset: int = typer.Option(17, "--opset", help="ONNX opset (17+: native LayerNormalization)."),
 ):
     """Export one task head to ONNX (fp32, optionally a strongly typed fp16) and record it in the manifest."""
-    import warnings
-
     from mbexport.export import export
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
+    with _warnings_as_lines():
         manifest = export(src, task, out, precisions=_names(precision), init_missing_head=init_missing_head,
                           vocab=vocab, opset=opset)
-    for warning in caught:
-        err_console.print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False, soft_wrap=True)
     for artifact in manifest.artifacts:
         console.print(f"{artifact.kind:8} {artifact.precision:5} {artifact.path}  {artifact.sha256[:12]}",
                       highlight=False)
@@ -157,8 +161,6 @@ def validate_command(
     from mbexport.errors import ValidationFailed
     from mbexport.validate import validate
 
-    if device not in ("cpu", "cuda", "auto"):
-        raise MbexportError(f"unknown device '{device}' (cpu, cuda, auto)")
     try:
         report = validate(out_dir, device=device, tasks=_names(task), precisions=_names(precision))
     except ValidationFailed as error:
@@ -166,10 +168,9 @@ def validate_command(
         raise
     console.print(report.table())
     console.print(f"validation passed; report in {report.root / 'validation.md'}", highlight=False)
-# ---- end export / validate -------------------------------------------------------------------------------------
 
 
-# ---- bench ---------------------------------------------------------------------------------------------------
+# ---- bench -----------------------------------------------------------------------------------------------------------
 def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -204,10 +205,9 @@ def bench(
     console.print(f"wrote bench.json{plot} in {artifacts}", highlight=False)
     if any(row["status"] == "failed" for row in report["results"]):
         raise typer.Exit(1)
-# ---- end bench -----------------------------------------------------------------------------------------------
 
 
-# ---- deploy: triton / run (helper-5) ---------------------------------------------------------------------------
+# ---- deploy: triton / run --------------------------------------------------------------------------------------------
 @app.command("triton")
 def triton_command(
     artifacts: str = typer.Argument(..., help="Output folder of export/build (has manifest.json)."),
@@ -259,10 +259,9 @@ def run_command(
     else:
         console.print(f"{summary(result)}  [{result['backend']}, {result['precision']}]", highlight=False,
                       soft_wrap=True, markup=False)
-# ---- end deploy ------------------------------------------------------------------------------------------------
 
 
-# ---- build / recipes (helper-4) --------------------------------------------------------------------------------
+# ---- build / recipes -------------------------------------------------------------------------------------------------
 @app.command("build")
 def build_command(
     src: str = typer.Argument(..., help="Checkpoint: NGC zip, Megatron folder or .pt, torch_dist folder, HF folder."),
@@ -283,15 +282,12 @@ def build_command(
     device: str = typer.Option("cpu", "--device", help="Validation device: cpu, cuda or auto."),
 ):
     """Checkpoint to validated artifacts: ONNX export, fp16/int8/fp8, TensorRT engine; unchanged stages are cached."""
-    import warnings
     from pathlib import Path
 
-    from mbexport.errors import MbexportError, ValidationFailed
+    from mbexport.errors import ValidationFailed
     from mbexport.pipeline import build
     from mbexport.recipes import Recipe, load_recipe
 
-    if device not in ("cpu", "cuda", "auto"):
-        raise MbexportError(f"unknown device '{device}' (cpu, cuda, auto)")
     if recipe is not None:
         base = load_recipe(recipe)
     elif task is not None:
@@ -301,9 +297,7 @@ def build_command(
     plan = base.override(task=task, precision=precision, target=target, out=out,
                          calib_text=Path(calib_text) if calib_text else None, calib_size=calib_size,
                          calib_method=calib_method)
-    with warnings.catch_warnings():  # stages warn (seeded head, no calibration text): one plain line each
-        warnings.showwarning = lambda message, *_: err_console.print(f"warning: {message}", highlight=False,
-                                                                     markup=False, soft_wrap=True)
+    with _warnings_as_lines():
         try:
             result = build(src, plan, vocab=vocab, init_missing_head=init_missing_head, device=device,
                            log=lambda line: err_console.print(line, highlight=False, markup=False))
@@ -329,4 +323,3 @@ def recipes_command():
         recipe = load_recipe(path)
         table.add_row(recipe.name, recipe.task, recipe.precision, recipe.description)
     console.print(table)
-# ---- end build / recipes ---------------------------------------------------------------------------------------
