@@ -24,13 +24,12 @@ def ort_fused_variant(fp32_onnx: str | Path, out_path: str | Path, num_heads: in
     from onnxruntime.transformers.onnx_model import OnnxModel
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from mbexport.export.onnxfile import readers
+
     model = onnx.load(str(fp32_onnx))
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = readers(graph)
     weights = {init.name: init for init in graph.initializer}
 
     def up(node, index, op):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mbexport.export.onnxfile import checked_onnx, save_model
+from mbexport.export.onnxfile import checked_onnx, readers, save_model
 
 FP32_OPS = ("LayerNormalization", "Softmax")
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -39,10 +39,7 @@ def _convert(graph) -> None:
     floats = {v.name for v in (*graph.input, *graph.value_info, *graph.output)
               if v.type.tensor_type.elem_type == FLOAT}
     floats |= {t.name for t in graph.initializer if t.data_type == FLOAT}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = readers(graph)
 
     def runs_fp32(node) -> bool:
         return node.op_type in FP32_OPS or (node.op_type == "Add" and any(

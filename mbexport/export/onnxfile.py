@@ -25,6 +25,15 @@ _INITIALIZER_FIELD = b"\x2a"  # GraphProto.initializer: field 5, length-delimite
 _RAW_DATA_FIELD = b"\x4a"  # TensorProto.raw_data: field 9, length-delimited
 
 
+def readers(graph) -> dict[str, list]:
+    """For an ONNX GraphProto: each value name -> the nodes that read it, in graph order."""
+    found: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            found.setdefault(name, []).append(node)
+    return found
+
+
 @contextlib.contextmanager
 def checked_onnx(out_path: str | Path) -> Iterator[Path]:
     """Yield a path in a private temporary folder; write the model there (external data beside it or not).

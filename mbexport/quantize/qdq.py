@@ -29,6 +29,7 @@ import numpy as np
 
 from mbexport.errors import MbexportError, MissingDependencyError
 from mbexport.export import convert_fp16
+from mbexport.export.onnxfile import readers
 from mbexport.manifest import external_data_name
 
 MODES = ("int8", "fp8")
@@ -87,10 +88,7 @@ def _head_nodes(onnx_path: str | Path) -> list[str]:
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
     except Exception as error:  # protobuf's DecodeError and friends
         raise MbexportError(f"not an ONNX model ({str(error).splitlines()[0]})", onnx_path) from None
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = readers(graph)
     final = next((n for n in graph.node if n.op_type == "LayerNormalization" and len(consumers[n.input[0]]) == 1),
                  None)
     if final is None:
