@@ -64,6 +64,11 @@ class Task:
     causal: bool = False
 
     @property
+    def head_prefixes(self) -> tuple[str, ...]:
+        """Every state-dict prefix this head needs beyond the encoder: its own weights and, if used, the pooler."""
+        return self.head_weights + (("bert.pooler.",) if self.pooler else ())
+
+    @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
 

@@ -149,7 +149,7 @@ def _finish(path: Path, fmt: str, config: MegatronBertConfig, state_dict: dict, 
     has = lambda prefix: any(k.startswith(prefix) for k in present)  # noqa: E731
     heads = tuple(
         task.name for task in TASKS.values()
-        if task.name == "model" or (all(has(p) for p in task.head_weights) and (not task.pooler or has("bert.pooler.")))
+        if task.name == "model" or all(has(p) for p in task.head_prefixes)
     )
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()})
     info = {**info, "dtype": "/".join(dtypes), "padded_vocab_size": config.vocab_size}

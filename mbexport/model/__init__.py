@@ -11,12 +11,7 @@ from mbexport.errors import CheckpointError, MbexportError
 from mbexport.model.modeling import MASK_VALUE, MegatronBert
 from mbexport.tasks import Task, get_task
 
-__all__ = ["MASK_VALUE", "MegatronBert", "build_reference", "head_prefixes"]
-
-
-def head_prefixes(task: Task) -> tuple[str, ...]:
-    """Weights a checkpoint may lack for this task without being broken: the head and, if used, the pooler."""
-    return task.head_weights + (("bert.pooler.",) if task.pooler else ())
+__all__ = ["MASK_VALUE", "MegatronBert", "build_reference"]
 
 
 def build_reference(task: str | Task, config: MegatronBertConfig, state_dict: dict[str, torch.Tensor], *,
@@ -32,7 +27,7 @@ def build_reference(task: str | Task, config: MegatronBertConfig, state_dict: di
         model = MegatronBert(config, task).eval()
     wanted = model.state_dict()
     missing = [name for name in wanted if name not in state_dict]
-    broken = [name for name in missing if not name.startswith(head_prefixes(task))]
+    broken = [name for name in missing if not name.startswith(task.head_prefixes)]  # a missing head is no damage
     if broken:
         more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
         raise CheckpointError(f"missing tensor {broken[0]}{more}", source)
