@@ -33,7 +33,7 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
 
 
 def _convert(graph) -> None:
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
     floats = {v.name for v in (*graph.input, *graph.value_info, *graph.output)
@@ -52,8 +52,7 @@ def _convert(graph) -> None:
             if all(id(c) in fp32_nodes for c in consumers.get(init.name, ())):
                 home[init.name] = FLOAT
             else:
-                array = np.clip(numpy_helper.to_array(init), -FP16_MAX, FP16_MAX).astype(np.float16)
-                init.CopyFrom(numpy_helper.from_array(array, init.name))
+                init.CopyFrom(_halved(init))
                 home[init.name] = HALF
 
     outputs = {v.name for v in graph.output if v.name in floats}
@@ -88,11 +87,18 @@ def _convert(graph) -> None:
 
 def _retype_attributes(node) -> None:
     """A node moved to fp16 must also make its own float constants and Cast targets fp16."""
-    from onnx import AttributeProto, TensorProto, numpy_helper
+    from onnx import AttributeProto, TensorProto
 
     for attr in node.attribute:
         if attr.type == AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
-            array = np.clip(numpy_helper.to_array(attr.t), -FP16_MAX, FP16_MAX).astype(np.float16)
-            attr.t.CopyFrom(numpy_helper.from_array(array, attr.t.name))
+            attr.t.CopyFrom(_halved(attr.t))
         elif attr.name == "to" and attr.i == TensorProto.FLOAT:
             attr.i = TensorProto.FLOAT16
+
+
+def _halved(tensor):
+    """An fp32 TensorProto as fp16, saturated at fp16's largest finite value rather than turned into inf."""
+    from onnx import numpy_helper
+
+    array = np.clip(numpy_helper.to_array(tensor), -FP16_MAX, FP16_MAX).astype(np.float16)
+    return numpy_helper.from_array(array, tensor.name)
