@@ -9,6 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """A caught exception's first message line (its type name when it has no message), for one-line reports."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
 class MbexportError(Exception):
     """A problem the user can act on (bad input, missing dependency), reported in one line."""
 

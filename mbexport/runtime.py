@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mbexport.errors import MbexportError
+from mbexport.errors import MbexportError, first_line
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -43,4 +43,4 @@ def ort_session(path: str | Path, device: str = "cpu", threads: int | None = Non
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as error:  # ORT raises its own exception types for unreadable or invalid models
-        raise MbexportError(f"ONNX Runtime cannot load it ({str(error).splitlines()[0]})", path) from None
+        raise MbexportError(f"ONNX Runtime cannot load it ({first_line(error)})", path) from None

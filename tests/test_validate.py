@@ -150,7 +150,8 @@ def test_an_engine_is_skipped_without_tensorrt(folder):
     engine = next(a for a in report.artifacts if a.kind == "engine")
     assert engine.status == "skipped" and "TensorRT" in engine.skipped and report.passed
     onnx_fp16 = next(a for a in report.artifacts if a.kind == "onnx" and a.precision == "fp16")
-    assert [i["input_ids"] for i in onnx_fp16.inputs] == [[1, 16], [2, 32], [2, 32], [2, 32]]  # inside the engine's profile
+    # every shape clamped inside the engine's profile
+    assert [i["input_ids"] for i in onnx_fp16.inputs] == [[1, 16], [2, 32], [2, 32], [2, 32]]
 
 
 @pytest.mark.tensorrt
@@ -235,3 +236,13 @@ def test_a_partial_run_keeps_earlier_results_only_for_unchanged_files(folder):
     manifest.save()
     validate(folder, precisions=["fp16"])
     assert "question-answering/model.fp32.onnx" not in results(folder)
+
+
+def test_first_line_of_an_error_without_a_message():
+    """Errors from ONNX Runtime, onnx.checker, Model Optimizer or TensorRT are reported by their first line;
+    one with no message at all is named by its type instead of breaking the report."""
+    from mbexport.errors import first_line
+
+    assert first_line(ValueError("bad graph\nat node 3")) == "bad graph"
+    assert first_line(AssertionError()) == "AssertionError"
+    assert len(first_line(RuntimeError("x" * 1000))) == 300

@@ -19,7 +19,7 @@ from mbexport.bench.report import plot, summary
 from mbexport.bench.timing import cpu_name, measure, ort_timer, summarize, torch_timer, trt_timer
 from mbexport.config import MegatronBertConfig
 from mbexport.engine import gpu_info, tensorrt_available, trt_runner
-from mbexport.errors import MbexportError
+from mbexport.errors import MbexportError, first_line
 from mbexport.fsutil import write_json_atomic
 from mbexport.inputs import sample_batch
 from mbexport.manifest import Artifact, Manifest, library_versions
@@ -130,7 +130,7 @@ def _bench_backend(backend: str, manifest: Manifest, task: Task, config: Megatro
             try:
                 make_timer = opener(stack)
             except Exception as error:  # a runtime refusing an artifact is a finding, not a crash
-                rows.append({**where, "status": "failed", "reason": _first_line(error)})
+                rows.append({**where, "status": "failed", "reason": first_line(error)})
                 continue
             for batch in settings.batches:
                 for sequence in settings.sequences:
@@ -143,7 +143,7 @@ def _bench_backend(backend: str, manifest: Manifest, task: Task, config: Megatro
                     try:
                         latencies = measure(make_timer(feed), settings.warmup, settings.iters)
                     except Exception as error:
-                        rows.append({**where, **shape, "status": "failed", "reason": _first_line(error)})
+                        rows.append({**where, **shape, "status": "failed", "reason": first_line(error)})
                         continue
                     rows.append({**where, **shape, **_figures(latencies, config, task, batch, sequence,
                                                               gpu if device == "cuda" else None, precision)})
@@ -247,8 +247,3 @@ def _ort_cuda() -> bool:
     if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu finds the CUDA/cuDNN libraries of pip wheels this way
         ort.preload_dlls()
     return True
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]

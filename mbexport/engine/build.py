@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mbexport.engine.profiles import Profile
-from mbexport.errors import MbexportError, MissingDependencyError
+from mbexport.errors import MbexportError, MissingDependencyError, first_line
 from mbexport.fsutil import atomic_file
 from mbexport.tasks import Task
 
@@ -158,7 +158,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, task: Task, profil
             SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=settings.timing_cache),
                        str(tmp))()
         except PolygraphyException as error:  # parser or builder failure, already logged in full
-            raise MbexportError(f"TensorRT could not build an engine ({str(error).splitlines()[0]})",
+            raise MbexportError(f"TensorRT could not build an engine ({first_line(error)})",
                                 onnx_path) from None
     root = Path(root) if root is not None else out_path.parent
 

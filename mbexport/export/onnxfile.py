@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from mbexport.errors import MbexportError
+from mbexport.errors import MbexportError, first_line
 from mbexport.manifest import external_data_name
 
 PROTOBUF_LIMIT = 2**31  # a ModelProto cannot serialize beyond 2 GB: weights go to external data
@@ -54,7 +54,7 @@ def checked_onnx(out_path: str | Path) -> Iterator[Path]:
             onnx.shape_inference.infer_shapes_path(str(staged), str(staged), check_type=True, strict_mode=True)
             onnx.checker.check_model(str(staged), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-            raise MbexportError(f"the written ONNX model fails onnx.checker ({str(error).splitlines()[0]})",
+            raise MbexportError(f"the written ONNX model fails onnx.checker ({first_line(error)})",
                                 out_path) from None
         data, final_data = tmp / external_data_name(out_path), out_path.parent / external_data_name(out_path)
         if data.exists() and data.stat().st_size > EXTERNAL_THRESHOLD:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mbexport.errors import MbexportError, MissingDependencyError
+from mbexport.errors import MbexportError, MissingDependencyError, first_line
 from mbexport.export import convert_fp16
 from mbexport.export.onnxfile import readers
 from mbexport.manifest import external_data_name
@@ -71,7 +71,7 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
                          output_path=str(quantized), log_level="CRITICAL")
         except Exception as error:  # Model Optimizer raises assertions and its own types alike
             raise MbexportError(f"Model Optimizer could not quantize it to {mode} "
-                                f"({str(error).splitlines()[0] if str(error) else type(error).__name__})",
+                                f"({first_line(error)})",
                                 fp32_onnx) from error
         return convert_fp16(quantized, out_path)
 
@@ -87,7 +87,7 @@ def _head_nodes(onnx_path: str | Path) -> list[str]:
     try:
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
     except Exception as error:  # protobuf's DecodeError and friends
-        raise MbexportError(f"not an ONNX model ({str(error).splitlines()[0]})", onnx_path) from None
+        raise MbexportError(f"not an ONNX model ({first_line(error)})", onnx_path) from None
     consumers = readers(graph)
     final = next((n for n in graph.node if n.op_type == "LayerNormalization" and len(consumers[n.input[0]]) == 1),
                  None)

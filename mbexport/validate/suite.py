@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mbexport.config import MegatronBertConfig
-from mbexport.errors import MbexportError, ValidationFailed
+from mbexport.errors import MbexportError, ValidationFailed, first_line
 from mbexport.inputs import sample_batch
 from mbexport.manifest import Artifact, Manifest, external_data_name
 from mbexport.runtime import ort_session, providers
@@ -140,7 +140,7 @@ def validate_task(manifest: Manifest, task: Task, artifacts: list[Artifact], *, 
             try:
                 outputs = _run(runner, feeds)
             except Exception as error:  # ONNX Runtime/TensorRT refusing the file is a failed artifact
-                result.checks.append(Check("-", "run", False, {"problem": str(error).splitlines()[0][:300]}))
+                result.checks.append(Check("-", "run", False, {"problem": first_line(error)}))
                 continue
             result.checks += compare(task, feeds, reference, outputs, result.tolerances)
             result.inputs = shapes
