@@ -99,6 +99,13 @@ class Manifest:
     def path_of(self, artifact: Artifact) -> Path:
         return self.root / artifact.path
 
+    def trusted_path(self, artifact: Artifact) -> Path:
+        """``path_of(artifact)`` once ``verify`` passes; otherwise an MbexportError saying what is wrong."""
+        problem = self.verify(artifact)
+        if problem is not None:
+            raise MbexportError(problem, self.root)
+        return self.path_of(artifact)
+
     def verify(self, artifact: Artifact) -> str | None:
         """None when the file is present and unchanged, else what is wrong."""
         path = self.path_of(artifact)

@@ -69,10 +69,7 @@ def _backend(manifest: Manifest, task: Task, backend: str, precision: str | None
         if found is None:
             reasons.append(f"no {kind}{f' {precision}' if precision else ''} artifact for {task.name}")
             continue
-        problem = manifest.verify(found)
-        if problem:
-            raise MbexportError(problem, manifest.root)
-        path = manifest.path_of(found)
+        path = manifest.trusted_path(found)
         if name == "tensorrt":
             return trt_runner(path), name, found
         from polygraphy.backend.onnxrt import OnnxrtRunner
