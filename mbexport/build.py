@@ -9,6 +9,7 @@ written atomically and recorded only once complete, so an interrupted build leav
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -16,22 +17,24 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import mbexport
 from mbexport import engine
 from mbexport.config import MegatronBertConfig
-from mbexport.errors import CheckpointError, MbexportError
+from mbexport.errors import CheckpointError, MbexportError, ValidationFailed, own_warning
 from mbexport.export import convert_fp16, export, source_sha256
-from mbexport.fsutil import sha256_file
-from mbexport.manifest import Artifact, Manifest
+from mbexport.fsutil import output_folder, sha256_file
+from mbexport.manifest import MANIFEST, Artifact, Manifest
 from mbexport.quantize import calibration_batches, quantize_onnx
 from mbexport.recipes import Recipe
 from mbexport.runtime import providers
 from mbexport.tasks import Task, get_task
+from mbexport.text import load_tokenizer, read_lines
 from mbexport.validate import Report, tolerances_for, up_to_date, validate
 
 OPSET = 17
+Busy = Callable[[str, str], ContextManager]  # (stage, what it is doing) -> context around the stage's work
 
 
 @dataclass
@@ -47,9 +50,15 @@ class BuildResult:
 
 
 def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = None, vocab: str | Path | None = None,
-          init_missing_head: int | None = None, device: str = "cpu",
-          log: Callable[[str], None] = lambda line: None) -> BuildResult:
-    """Run the pipeline for ``recipe`` on the checkpoint at ``source``; only stale stages do work."""
+          init_missing_head: int | None = None, device: str = "cpu", overwrite: bool = False,
+          log: Callable[[str], None] = lambda line: None, busy: Busy = lambda stage, doing: contextlib.nullcontext(),
+          ) -> BuildResult:
+    """Run the pipeline for ``recipe`` on the checkpoint at ``source``; only stale stages do work.
+
+    ``out_dir`` follows fsutil's overwrite rule (an mbexport output folder is updated in place; any other
+    non-empty folder needs ``overwrite``, which replaces it) and is locked while the build runs. ``log`` gets
+    one line per finished stage; ``busy(stage, what it is doing)`` wraps each stage's work (a live display).
+    """
     source = Path(source).resolve()
     if not source.exists():
         raise CheckpointError("no such file or directory", source)
@@ -62,34 +71,40 @@ def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = No
     target = recipe.target or ("engine" if engine.tensorrt_available() else "onnx")
     if target == "engine":
         engine.require_tensorrt()  # fail before any work, not after the export
-    out_dir = Path(out_dir or recipe.out.format(checkpoint=source.stem if source.is_file() else source.name))
-    run = _Run(Manifest.load(out_dir) if (out_dir / "manifest.json").is_file() else Manifest(out_dir),
-               BuildResult(out_dir, target), log)
-    if vocab is None and (out_dir / "vocab.txt").is_file():
-        vocab = out_dir / "vocab.txt"  # copied by an earlier build: same key, no re-export
-    elif vocab is not None and not Path(vocab).is_file():
-        raise MbexportError("vocab file not found", vocab)
     text = recipe.calibration.text if recipe.precision in ("int8", "fp8") else None
-    if text is not None and not Path(text).is_file():
-        raise MbexportError("calibration text file not found", text)
-    if text is not None and vocab is None:
-        raise MbexportError("calibration text needs --vocab to tokenize it", text)
+    if vocab is not None:
+        load_tokenizer(vocab)  # a missing or binary vocab fails here, before any work
+    if text is not None:
+        read_lines(text)
+    out_dir = Path(out_dir or recipe.out.format(checkpoint=source.stem if source.is_file() else source.name))
+    with output_folder(out_dir, overwrite=overwrite, sources=(source, vocab, text), marker=MANIFEST,
+                       keep_on=(ValidationFailed,), log=log):
+        manifest = Manifest.load(out_dir) if (out_dir / MANIFEST).is_file() else Manifest(out_dir)
+        if vocab is None:  # copied by an earlier build: same key, no re-export
+            vocab = next((manifest.path_of(a) for a in manifest.find(kind="vocab") if manifest.verify(a) is None),
+                         None)
+        if text is not None and vocab is None:
+            raise MbexportError("calibration text needs --vocab to tokenize it", text)
+        run = _Run(manifest, BuildResult(out_dir, target), log, busy)
+        run.total = 2 + (recipe.precision != "fp32") + (target == "engine")
 
-    def make_fp32(path: Path) -> dict:
-        run.manifest = export(source, task, out_dir, init_missing_head=init_missing_head, vocab=vocab, opset=OPSET)
-        return run.manifest.find(task.name, "fp32", "onnx")[0].details
+        def make_fp32(path: Path) -> dict:
+            run.manifest = export(source, task, out_dir, init_missing_head=init_missing_head, vocab=vocab,
+                                  opset=OPSET)
+            return run.manifest.find(task.name, "fp32", "onnx")[0].details
 
-    fp32 = run.stage(f"export {task.name} fp32", task, "fp32", "onnx",
-                     _key("export", source_sha256(source), task.name, OPSET, init_missing_head,
-                          sha256_file(vocab) if vocab else None), make_fp32)
-    config = MegatronBertConfig.from_hf_dict(run.manifest.config)
-    recipe, notes = recipe.fit_positions(config.max_position_embeddings)
-    for note in notes:
-        warnings.warn(note, stacklevel=2)
-    onnx = fp32 if recipe.precision == "fp32" else _precision(run, task, config, fp32, recipe, vocab)
-    if target == "engine":
-        _engine(run, task, config, onnx, recipe)
-    _validate(run, task, recipe, device)
+        fp32 = run.stage(f"export {task.name} fp32", "reading the checkpoint, exporting ONNX with torch.onnx, "
+                         "checking it", task, "fp32", "onnx",
+                         _key("export", source_sha256(source), task.name, OPSET, init_missing_head,
+                              sha256_file(vocab) if vocab else None), make_fp32)
+        config = MegatronBertConfig.from_hf_dict(run.manifest.config)
+        recipe, notes = recipe.fit_positions(config.max_position_embeddings)
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
+        onnx = fp32 if recipe.precision == "fp32" else _precision(run, task, config, fp32, recipe, vocab)
+        if target == "engine":
+            _engine(run, task, config, onnx, recipe)
+        _validate(run, task, recipe, device)
     return run.result
 
 
@@ -101,24 +116,37 @@ def _key(*parts) -> str:
 class _Run:
     """One build's manifest and log; ``stage`` is the cache check around every artifact."""
 
-    def __init__(self, manifest: Manifest, result: BuildResult, log: Callable[[str], None]):
-        self.manifest, self.result, self.log = manifest, result, log
+    def __init__(self, manifest: Manifest, result: BuildResult, log: Callable[[str], None],
+                 busy: Busy = lambda stage, doing: contextlib.nullcontext()):
+        self.manifest, self.result, self.log, self.busy = manifest, result, log, busy
+        self.total = 0  # stages this build runs (for "step 2/4")
 
-    def stage(self, name: str, task: Task, precision: str, kind: str, key: str, make: Callable[[Path], dict],
-              upstream: Artifact | None = None) -> Artifact:
+    def stage(self, name: str, doing: str, task: Task, precision: str, kind: str, key: str,
+              make: Callable[[Path], dict], upstream: Artifact | None = None) -> Artifact:
         path = self.manifest.root / task.name / f"model.{precision}.{'plan' if kind == 'engine' else 'onnx'}"
         for artifact in self.manifest.find(task.name, precision, kind):
             if artifact.details.get("cache_key") == key and self.manifest.verify(artifact) is None:
+                for note in artifact.details.get("warnings", []):  # what this stage said when it ran
+                    warnings.warn(note, stacklevel=2)
                 self.note(name, "cached")
                 return artifact
         start = time.perf_counter()
-        details = make(path)  # writes ``path`` atomically
+        with self.working(name, doing), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            details = make(path)  # writes ``path`` atomically
+        for warning in caught:  # shown now and recorded, so a cached re-run says it again
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        notes = [str(w.message) for w in caught if own_warning(w.filename)]
         made_from = {"made_from": {"path": upstream.path, "sha256": upstream.sha256}} if upstream else {}
-        artifact = self.manifest.record(task, precision, kind, path, **details, **made_from, cache_key=key)
+        artifact = self.manifest.record(task, precision, kind, path, **details, **made_from, cache_key=key,
+                                        **({"warnings": notes} if notes else {}))
         self._drop_stale()
         self.manifest.save()
         self.note(name, f"built in {time.perf_counter() - start:.1f} s")
         return artifact
+
+    def working(self, name: str, doing: str):
+        return self.busy(f"{name} ({len(self.result.steps) + 1}/{self.total})", doing)
 
     def _drop_stale(self) -> None:
         """Forget (and delete) artifacts made from a file that has since changed, e.g. the engine of a
@@ -130,8 +158,7 @@ class _Run:
             if not stale:
                 return
             for artifact in stale:
-                self.manifest.path_of(artifact).unlink(missing_ok=True)
-                self.manifest.artifacts.remove(artifact)
+                self.manifest.discard(artifact)
                 self.log(f"removed {artifact.path}: made from an earlier {artifact.details['made_from']['path']}")
 
     def note(self, name: str, status: str) -> None:
@@ -147,8 +174,8 @@ def _precision(run: _Run, task: Task, config: MegatronBertConfig, fp32: Artifact
             convert_fp16(fp32_path, path)
             return {}
 
-        return run.stage(f"convert {task.name} fp16", task, "fp16", "onnx", _key("fp16", fp32.sha256), make_fp16,
-                         fp32)
+        return run.stage(f"convert {task.name} fp16", "converting the fp32 graph to strongly typed fp16", task,
+                         "fp16", "onnx", _key("fp16", fp32.sha256), make_fp16, fp32)
     calib = recipe.calibration
     inputs = (sha256_file(calib.text), sha256_file(vocab)) if calib.text is not None else None
     key = _key("quantize", recipe.precision, fp32.sha256, inputs, calib.size, calib.method, calib.sequence)
@@ -160,7 +187,11 @@ def _precision(run: _Run, task: Task, config: MegatronBertConfig, fp32: Artifact
         return {"calibration": {"text": str(calib.text) if calib.text else None, "size": calib.size,
                                 "method": calib.method, "sequence": calib.sequence}}
 
-    return run.stage(f"quantize {task.name} {recipe.precision}", task, recipe.precision, "onnx", key, make, fp32)
+    data = f"{calib.size} lines of {calib.text.name}" if calib.text is not None else f"{calib.size} seeded examples"
+    doing = (f"calibrating on {data} x {calib.sequence} tokens ({calib.method}), placing Q/DQ with Model "
+             "Optimizer")
+    return run.stage(f"quantize {task.name} {recipe.precision}", doing, task, recipe.precision, "onnx", key, make,
+                     fp32)
 
 
 def _engine(run: _Run, task: Task, config: MegatronBertConfig, onnx: Artifact, recipe: Recipe) -> Artifact:
@@ -171,7 +202,8 @@ def _engine(run: _Run, task: Task, config: MegatronBertConfig, onnx: Artifact, r
         settings = dataclasses.replace(settings, timing_cache=str(run.manifest.root / settings.timing_cache))
     key = _key("engine", onnx.sha256, [p.as_dict(task) for p in profiles], settings.builder_optimization_level,
                settings.workspace_mib, engine.environment())
-    return run.stage(f"engine {task.name} {onnx.precision}", task, onnx.precision, "engine", key,
+    doing = f"building a TensorRT engine ({len(profiles)} profile(s), level {settings.builder_optimization_level})"
+    return run.stage(f"engine {task.name} {onnx.precision}", doing, task, onnx.precision, "engine", key,
                      lambda path: engine.build_engine(run.manifest.path_of(onnx), path, task, profiles,
                                                       precision=onnx.precision, settings=settings,
                                                       root=run.manifest.root), onnx)
@@ -189,5 +221,7 @@ def _validate(run: _Run, task: Task, recipe: Recipe, device: str) -> None:
         run.note("validate", "cached")
         return
     start = time.perf_counter()
-    run.result.report = validate(run.manifest.root, **scope)
+    with run.working("validate", f"comparing {task.name} {' and '.join(scope['precisions'])} with the PyTorch "
+                     f"reference on ONNX Runtime ({device})"):
+        run.result.report = validate(run.manifest.root, **scope)
     run.note("validate", f"done in {time.perf_counter() - start:.1f} s")

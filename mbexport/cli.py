@@ -11,14 +11,15 @@ import sys
 import warnings
 
 import typer
-from rich.console import Console
 
-from mbexport.errors import MbexportError
+from mbexport import terminal
+from mbexport.errors import MbexportError, own_warning
+from mbexport.fsutil import OVERWRITE_FLAG
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help text prints literally, like every other message (terminal.py)
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Megatron-BERT checkpoints to validated ONNX, TensorRT and Triton artifacts.")
-console = Console()
-err_console = Console(stderr=True)
+console = terminal.out
 _state = {"debug": False}
 
 
@@ -27,25 +28,54 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
     _state["debug"] = debug
 
 
+def _overwrite_option(what: str = "folder"):
+    """The one flag every command that writes a folder takes (fsutil.check_output is the rule it lifts)."""
+    return typer.Option(False, OVERWRITE_FLAG, help=f"Replace the output {what} when it is neither new, empty nor "
+                                                    "mbexport's own (never an input).")
+
+
+def _precisions(values):
+    """Precision names are case-insensitive: --precision FP16 is fp16 (a callback for every --precision)."""
+    if values is None:
+        return None
+    return values.lower() if isinstance(values, str) else [value.lower() for value in values]
+
+
 @contextlib.contextmanager
 def _warnings_as_lines():
-    """Stage warnings (a seeded head, no calibration text) as one plain ``warning:`` line each on stderr."""
+    """mbexport's own warnings (a seeded head, no calibration text) as one plain ``warning:`` line each on
+    stderr; libraries' warnings (torch's pickle protocol, ONNX exporter notes) stay off the terminal unless
+    --debug."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if own_warning(filename) or _state["debug"]:
+            terminal.line(f"warning: {message}")
+
     with warnings.catch_warnings():
-        warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = lambda message, *_: err_console.print(f"warning: {message}", highlight=False,
-                                                                     markup=False, soft_wrap=True)
+        warnings.simplefilter("always")
+        warnings.showwarning = show
         yield
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point. Usage errors, --help and typer.Exit are handled by click itself."""
-    try:
-        app(args=argv, standalone_mode=True)
-    except MbexportError as error:
-        if _state["debug"]:
-            raise
-        err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        sys.exit(error.exit_code)
+    """Console-script entry point. Usage errors, --help and typer.Exit are handled by click itself.
+
+    Bad input (MbexportError) and what the file system refuses (OSError: a read-only folder, a full disk)
+    end as one ``error:`` line naming the file, and exit code 2."""
+    with _warnings_as_lines():
+        try:
+            app(args=argv, standalone_mode=True)
+        except (MbexportError, OSError) as error:
+            if _state["debug"]:
+                raise
+            terminal.error(str(error) if isinstance(error, MbexportError) else _os_error(error))
+            sys.exit(getattr(error, "exit_code", 2))
+
+
+def _os_error(error: OSError) -> str:
+    from mbexport.fsutil import final_path
+
+    what = (error.strerror or str(error)).rstrip(".")
+    return f"{final_path(error.filename)}: {what[:1].lower()}{what[1:]}" if error.filename else what
 
 
 # ---- convert / inspect -----------------------------------------------------------------------------------------------
@@ -57,16 +87,20 @@ def convert_command(
     lowercase: bool = typer.Option(True, "--lowercase/--no-lowercase", help="Tokenizer lowercasing (uncased models)."),
     num_heads: int | None = typer.Option(None, "--num-heads", help="Attention heads when args are missing "
                                                                    "(default hidden/64)."),
+    overwrite: bool = _overwrite_option(),
 ):
     """Convert a checkpoint to a Hugging Face MegatronBert folder (config.json, model.safetensors, tokenizer)."""
     from pathlib import Path
 
     from mbexport.checkpoint import load_checkpoint, save_hf_folder
+    from mbexport.fsutil import check_output
 
+    check_output(out, overwrite=overwrite, sources=(src, vocab))  # before the (slow) read
     ckpt = load_checkpoint(src, num_attention_heads=num_heads)
-    folder = save_hf_folder(ckpt, out, vocab=Path(vocab) if vocab else None, lowercase=lowercase)
-    err_console.print(f"{ckpt.format} checkpoint -> {folder} ({ckpt.num_parameters:,} parameters, heads: "
-                      f"{', '.join(ckpt.heads)})", highlight=False)
+    folder = save_hf_folder(ckpt, out, vocab=Path(vocab) if vocab else None, lowercase=lowercase,
+                            overwrite=overwrite)
+    terminal.line(f"{ckpt.format} checkpoint -> {folder} ({ckpt.num_parameters:,} parameters, heads: "
+                  f"{', '.join(ckpt.heads)})")
 
 
 @app.command("inspect")
@@ -114,12 +148,18 @@ def inspect_command(
 def example_command(
     out: str = typer.Argument("artifacts/example", help="Folder to write the example checkpoint and vocab into."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    overwrite: bool = _overwrite_option(),
 ):
     """Write the built-in example: a tiny random Megatron-BERT as an NGC-layout zip, and its vocab.txt."""
-    from mbexport.checkpoint.synthetic import make_example
+    from pathlib import Path
 
-    zip_path, vocab = make_example(out, seed=seed)
-    console.print(f"{zip_path}\n{vocab}", highlight=False, soft_wrap=True)
+    from mbexport.checkpoint.synthetic import make_example
+    from mbexport.fsutil import atomic_dir
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        written = make_example(tmp, seed=seed)
+    for path in written:
+        console.print(str(Path(out) / path.name), soft_wrap=True)
 
 
 # ---- export / validate -----------------------------------------------------------------------------------------------
@@ -133,21 +173,27 @@ def export_command(
     src: str = typer.Argument(..., help="Checkpoint (anything convert reads)."),
     task: str = typer.Option(..., "--task", help="Task head, e.g. question-answering (qa), masked-lm (mlm)."),
     out: str = typer.Option(..., "--out", help="Output folder (DIR/<task>/model.<precision>.onnx, manifest.json)."),
-    precision: list[str] = typer.Option(["fp32"], "--precision", help="fp32 and/or fp16 (repeat or comma list)."),
+    precision: list[str] = typer.Option(["fp32"], "--precision", callback=_precisions,
+                                        help="fp32 and/or fp16 (repeat or comma list)."),
     init_missing_head: int | None = typer.Option(None, "--init-missing-head", metavar="SEED",
                                                  help="Seed random weights for a head the checkpoint lacks."),
     vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt to copy beside the artifacts."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset (17+: native LayerNormalization)."),
+    overwrite: bool = _overwrite_option(),
 ):
     """Export one task head to ONNX (fp32, optionally a strongly typed fp16) and record it in the manifest."""
     from mbexport.export import export
+    from mbexport.fsutil import output_folder
+    from mbexport.manifest import MANIFEST
+    from mbexport.text import load_tokenizer
 
-    with _warnings_as_lines():
+    if vocab is not None:
+        load_tokenizer(vocab)
+    with output_folder(out, overwrite=overwrite, sources=(src, vocab), marker=MANIFEST, log=terminal.line):
         manifest = export(src, task, out, precisions=_names(precision), init_missing_head=init_missing_head,
                           vocab=vocab, opset=opset)
     for artifact in manifest.artifacts:
-        console.print(f"{artifact.kind:8} {artifact.precision:5} {artifact.path}  {artifact.sha256[:12]}",
-                      highlight=False)
+        console.print(f"{artifact.kind:8} {artifact.precision:5} {artifact.path}  {artifact.sha256[:12]}")
 
 
 @app.command("validate")
@@ -155,19 +201,26 @@ def validate_command(
     out_dir: str = typer.Argument(..., help="Output folder with manifest.json."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto (CUDA when onnxruntime-gpu has it)."),
     task: list[str] = typer.Option(None, "--task", help="Only these tasks (repeat or comma list)."),
-    precision: list[str] = typer.Option(None, "--precision", help="Only these precisions (repeat or comma list)."),
+    precision: list[str] = typer.Option(None, "--precision", callback=_precisions,
+                                        help="Only these precisions (repeat or comma list)."),
 ):
     """Compare every artifact with the PyTorch reference (Polygraphy); exit 0 pass, 1 fail, 2 bad input."""
+    from pathlib import Path
+
     from mbexport.errors import ValidationFailed
+    from mbexport.fsutil import folder_lock
+    from mbexport.manifest import Manifest
     from mbexport.validate import validate
 
+    Manifest.load(out_dir)  # a folder that is not an output folder is refused before it is locked (and made)
     try:
-        report = validate(out_dir, device=device, tasks=_names(task), precisions=_names(precision))
+        with folder_lock(Path(out_dir), log=terminal.line):  # validation.json: not while a build writes here
+            report = validate(out_dir, device=device, tasks=_names(task), precisions=_names(precision))
     except ValidationFailed as error:
         console.print(error.report.table())
         raise
     console.print(report.table())
-    console.print(f"validation passed; report in {report.root / 'validation.md'}", highlight=False)
+    console.print(f"validation passed; report in {report.root / 'validation.md'}")
 
 
 # ---- bench -----------------------------------------------------------------------------------------------------------
@@ -202,7 +255,7 @@ def bench(
                        iters=iters)
     console.print(summary(report))
     plot = f" and {report['plot']}" if report["plot"] else " (no plot: pip install 'mbexport[bench]')"
-    console.print(f"wrote bench.json{plot} in {artifacts}", highlight=False)
+    console.print(f"wrote bench.json{plot} in {artifacts}")
     if any(row["status"] == "failed" for row in report["results"]):
         raise typer.Exit(1)
 
@@ -211,19 +264,22 @@ def bench(
 @app.command("triton")
 def triton_command(
     artifacts: str = typer.Argument(..., help="Output folder of export/build (has manifest.json)."),
-    repo: str = typer.Option(..., "--repo", help="Model repository folder to write (replaced atomically)."),
+    repo: str = typer.Option(..., "--repo", help="Model repository folder to write (atomically; one written by "
+                                                 "mbexport triton is replaced)."),
     task: list[str] | None = typer.Option(None, "--task", help="Heads to deploy (repeatable; default: all built)."),
-    precision: list[str] | None = typer.Option(None, "--precision", help="Precisions to deploy (repeatable)."),
+    precision: list[str] | None = typer.Option(None, "--precision", callback=_precisions,
+                                               help="Precisions to deploy (repeatable)."),
     max_batch: int | None = typer.Option(None, "--max-batch", help="max_batch_size (default: the engine profile's "
                                                                    "max batch; 32 for ONNX models)."),
     instances: int = typer.Option(1, "--instances", help="Model instances per GPU (and per CPU for Python models)."),
     vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt (default: the one in ARTIFACTS)."),
+    overwrite: bool = _overwrite_option("repository"),
 ):
     """Write a Triton model repository: engines (or ONNX), plus a text-in ensemble per head."""
     from mbexport.deploy.triton import write_repository
 
     names = write_repository(artifacts, repo, tasks=task, precisions=precision, max_batch=max_batch,
-                             instances=instances, vocab=vocab)
+                             instances=instances, vocab=vocab, overwrite=overwrite)
     console.print(f"{repo}: {len(names)} models: {', '.join(names)}", highlight=False, soft_wrap=True)
     console.print(f"serve it with: tritonserver --model-repository {repo}", highlight=False, soft_wrap=True)
 
@@ -238,8 +294,8 @@ def run_command(
     text_pair: str | None = typer.Option(None, "--text-pair", help="Second text (seq-cls pairs, nsp)."),
     backend: str = typer.Option("auto", "--backend", help="auto (TensorRT, else ONNX Runtime, else PyTorch), "
                                                           "tensorrt, onnxruntime or pytorch."),
-    precision: str | None = typer.Option(None, "--precision", help="Artifact precision (default: the backend's "
-                                                                   "preferred built one)."),
+    precision: str | None = typer.Option(None, "--precision", callback=_precisions,
+                                         help="Artifact precision (default: the backend's preferred built one)."),
     top_k: int = typer.Option(5, "--top-k", help="Candidates per [MASK] (mlm)."),
     vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt (default: the one in ARTIFACTS)."),
     device: str = typer.Option("cpu", "--device", help="ONNX Runtime device: cpu, cuda or auto."),
@@ -268,7 +324,8 @@ def build_command(
     recipe: str | None = typer.Option(None, "--recipe", help="Recipe file or shipped name (see `mbexport recipes`); "
                                                              "the flags below override its fields."),
     task: str | None = typer.Option(None, "--task", help="Head: qa, mlm, seq-cls, ... (required without --recipe)."),
-    precision: str | None = typer.Option(None, "--precision", help="fp16, int8, fp8 or fp32 (default fp16)."),
+    precision: str | None = typer.Option(None, "--precision", callback=_precisions,
+                                         help="fp16, int8, fp8 or fp32 (default fp16)."),
     target: str | None = typer.Option(None, "--target", help="engine (TensorRT) or onnx; default engine when "
                                                              "TensorRT is importable, else onnx."),
     out: str | None = typer.Option(None, "--out", help="Output folder (default artifacts/<checkpoint name>)."),
@@ -280,6 +337,7 @@ def build_command(
     init_missing_head: int | None = typer.Option(None, "--init-missing-head", help="Seed for a head the checkpoint "
                                                                                    "lacks (random weights)."),
     device: str = typer.Option("cpu", "--device", help="Validation device: cpu, cuda or auto."),
+    overwrite: bool = _overwrite_option(),
 ):
     """Checkpoint to validated artifacts: ONNX export, fp16/int8/fp8, TensorRT engine; unchanged stages are cached."""
     from pathlib import Path
@@ -297,18 +355,17 @@ def build_command(
     plan = base.override(task=task, precision=precision, target=target, out=out,
                          calib_text=Path(calib_text) if calib_text else None, calib_size=calib_size,
                          calib_method=calib_method)
-    with _warnings_as_lines():
-        try:
-            result = build(src, plan, vocab=vocab, init_missing_head=init_missing_head, device=device,
-                           log=lambda line: err_console.print(line, highlight=False, markup=False))
-        except ValidationFailed as error:
-            console.print(error.report.table())
-            raise
+    try:
+        result = build(src, plan, vocab=vocab, init_missing_head=init_missing_head, device=device,
+                       overwrite=overwrite, log=terminal.line, busy=terminal.StageDisplay().busy)
+    except ValidationFailed as error:
+        console.print(error.report.table())
+        raise
     if result.report is not None:
         console.print(result.report.table())
     console.print(f"{result.out_dir}: {plan.task} {plan.precision} ({result.target}); "
                   f"{len(result.built) or 'no'} stage(s) rebuilt; report in {result.out_dir / 'validation.md'}",
-                  highlight=False, soft_wrap=True)
+                  soft_wrap=True)
 
 
 @app.command("recipes")
@@ -316,10 +373,11 @@ def recipes_command():
     """List the shipped build recipes."""
     from rich.table import Table
 
-    from mbexport.recipes import load_recipe, shipped_recipes
+    from mbexport.recipes import RECIPES_DIR, load_recipe, shipped_recipes
 
     table = Table("name", "task", "precision", "description")
     for path in shipped_recipes():
         recipe = load_recipe(path)
         table.add_row(recipe.name, recipe.task, recipe.precision, recipe.description)
     console.print(table)
+    console.print(f"in {RECIPES_DIR}: copy one, edit it, and pass --recipe FILE", soft_wrap=True)

@@ -9,6 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def own_warning(filename: str) -> bool:
+    """Whether a warning raised from ``filename`` is mbexport's own note to the user (a seeded head, no
+    calibration text), as opposed to a library's (torch's pickle-protocol warning)."""
+    try:
+        return Path(filename).resolve().is_relative_to(PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
+
+
 def first_line(error: BaseException, limit: int = 300) -> str:
     """A caught exception's first message line (its type name when it has no message), for one-line reports."""
     text = str(error).strip()

@@ -21,7 +21,7 @@ def load_tokenizer(vocab: str | Path, lowercase: bool = True):
     vocab = Path(vocab)
     if not vocab.is_file():
         raise MbexportError("vocab file not found", vocab)
-    tokens = vocab.read_text(encoding="utf-8").splitlines()
+    tokens = _read_text(vocab).splitlines()
     missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]") if t not in tokens]
     if missing:
         raise MbexportError(f"not a BERT WordPiece vocab (no {missing[0]})", vocab)
@@ -47,7 +47,19 @@ def read_lines(path: str | Path, limit: int | None = None) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise MbexportError("text file not found", path)
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
     if not lines:
         raise MbexportError("no text in it", path)
     return lines[:limit] if limit else lines
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file's contents; a binary file (NUL bytes, invalid UTF-8) is refused in one line."""
+    data = path.read_bytes()
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise MbexportError(f"not a text file (binary data: a NUL byte at offset {nul})", path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise MbexportError(f"not a text file (invalid UTF-8 at byte {error.start})", path) from None

@@ -157,13 +157,15 @@ def _finish(path: Path, fmt: str, config: MegatronBertConfig, state_dict: dict, 
     return Checkpoint(path, fmt, config, state_dict, heads, info)
 
 
-def save_hf_folder(ckpt: Checkpoint, out_dir: str | Path, *, vocab: Path | None = None, lowercase: bool = True) -> Path:
-    """Write ``out_dir`` atomically as a folder ``transformers.MegatronBertFor*.from_pretrained`` loads unchanged."""
+def save_hf_folder(ckpt: Checkpoint, out_dir: str | Path, *, vocab: Path | None = None, lowercase: bool = True,
+                   overwrite: bool = False) -> Path:
+    """Write ``out_dir`` atomically as a folder ``transformers.MegatronBertFor*.from_pretrained`` loads unchanged
+    (fsutil's overwrite rule: a non-empty ``out_dir`` only with ``overwrite``, never the checkpoint's own)."""
     out_dir = Path(out_dir)
     architectures = ckpt.info.get("architectures") or [
         TASKS[next(t for t in ARCHITECTURE_PREFERENCE if t in ckpt.heads)].hf_class
     ]
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, sources=(ckpt.path, vocab)) as tmp:
         write_json_atomic(tmp / "config.json", ckpt.config.to_hf_dict(architectures))
         write_safetensors(tmp / "model.safetensors", ckpt.state_dict)
         if vocab is not None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
-from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-_console = Console(stderr=True)
+from mbexport.terminal import err as _console  # the one stderr console: nests with build's stage display
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import numpy as np
 from mbexport.config import MegatronBertConfig
 from mbexport.deploy.pipeline import TEXT_TASKS, TextPipeline
 from mbexport.errors import MbexportError
-from mbexport.fsutil import atomic_dir
+from mbexport.fsutil import atomic_dir, check_output
 from mbexport.inputs import sample_batch
 from mbexport.manifest import Artifact, Manifest, external_data_name
 from mbexport.tasks import Task, get_task
@@ -39,18 +39,17 @@ class Enum(str):
 
 def write_repository(artifacts: str | Path, repo: str | Path, *, tasks: list[str] | None = None,
                      precisions: list[str] | None = None, max_batch: int | None = None, instances: int = 1,
-                     vocab: str | Path | None = None) -> list[str]:
+                     vocab: str | Path | None = None, overwrite: bool = False) -> list[str]:
     """Write (or replace) the model repository ``repo``; returns the model names in it."""
     manifest = Manifest.load(artifacts)
     repo = Path(repo)
-    if repo.exists() and (not repo.is_dir() or any(repo.iterdir()) and not (repo / MARKER).is_file()):
-        raise MbexportError("exists and was not written by mbexport triton; choose an empty or new folder", repo)
+    check_output(repo, overwrite=overwrite, sources=(manifest.root,), marker=MARKER)  # before any work
     if instances < 1 or (max_batch is not None and max_batch < 1):
         raise MbexportError("--instances and --max-batch must be at least 1")
     heads = _heads(manifest, tasks, precisions)
     config = MegatronBertConfig.from_hf_dict(manifest.config)
     names: list[str] = []
-    with atomic_dir(repo) as tmp:
+    with atomic_dir(repo, overwrite=overwrite, sources=(manifest.root,), marker=MARKER) as tmp:
         for task, artifact in heads:
             manifest.trusted_path(artifact)
             head = _Head(manifest, config, task, artifact, max_batch, instances)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mbexport.errors import MbexportError, first_line
+from mbexport.fsutil import temp_prefix
 from mbexport.manifest import external_data_name
 
 PROTOBUF_LIMIT = 2**31  # a ModelProto cannot serialize beyond 2 GB: weights go to external data
@@ -46,7 +47,7 @@ def checked_onnx(out_path: str | Path) -> Iterator[Path]:
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_path), dir=out_path.parent))
     try:
         staged = tmp / out_path.name
         yield staged

@@ -30,6 +30,7 @@ import numpy as np
 from mbexport.errors import MbexportError, MissingDependencyError, first_line
 from mbexport.export import convert_fp16
 from mbexport.export.onnxfile import readers
+from mbexport.fsutil import temp_prefix
 from mbexport.manifest import external_data_name
 
 MODES = ("int8", "fp8")
@@ -57,7 +58,7 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Model Optimizer rewrites its input in place (shape inference) and writes intermediate models beside
     # it: give it a private copy, so the recorded fp32 file keeps its hash.
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.tmp-", dir=out_path.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(out_path), dir=out_path.parent) as tmp:
         source, quantized = Path(tmp) / "source.onnx", Path(tmp) / "quantized.onnx"
         shutil.copyfile(fp32_onnx, source)
         data = fp32_onnx.parent / external_data_name(fp32_onnx)
