@@ -72,10 +72,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _os_error(error: OSError) -> str:
-    from mbexport.fsutil import final_path
-
+    """An OSError outside the writers (which name their own): a file that cannot be read, say."""
     what = (error.strerror or str(error)).rstrip(".")
-    return f"{final_path(error.filename)}: {what[:1].lower()}{what[1:]}" if error.filename else what
+    return f"{error.filename}: {what[:1].lower()}{what[1:]}" if error.filename else what
 
 
 # ---- convert / inspect -----------------------------------------------------------------------------------------------

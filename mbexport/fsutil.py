@@ -31,11 +31,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mbexport.errors import MbexportError
+from mbexport.errors import MbexportError, first_line
 
 OVERWRITE_FLAG = "--overwrite"
 LOCK = ".mbexport.lock"
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)-[^-]+$")
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's words for a short write
 _held: set[Path] = set()  # folders this process has locked (a nested writer must not wait for itself)
 
 
@@ -47,7 +48,8 @@ def temp_prefix(final: str | Path) -> str:
 # ---- the overwrite rule ----------------------------------------------------------------------------------------------
 def check_output(path: str | Path, *, overwrite: bool = False, sources=(), marker: str | None = None) -> str:
     """Apply the overwrite rule to the folder ``path`` a command is about to write; returns what it is:
-    ``"new"``, ``"empty"``, ``"ours"`` (holds ``marker``) or ``"replace"`` (non-empty, ``overwrite`` given).
+    ``"new"``, ``"empty"`` (or only what a killed mbexport writer left), ``"ours"`` (holds ``marker``) or
+    ``"replace"`` (non-empty, ``overwrite`` given).
 
     ``sources`` are the command's inputs: the output may not be one of them, lie inside one, or hold one.
     """
@@ -67,7 +69,7 @@ def check_output(path: str | Path, *, overwrite: bool = False, sources=(), marke
         return "new"
     if not path.is_dir():
         raise MbexportError("is a file, not a folder; give a folder to write into", path)
-    entries = sorted(entry.name for entry in path.iterdir() if entry.name != LOCK)
+    entries = sorted(entry.name for entry in path.iterdir() if not _ours_only(entry))
     if not entries:
         return "empty"
     if marker is not None and (path / marker).is_file():
@@ -81,6 +83,13 @@ def check_output(path: str | Path, *, overwrite: bool = False, sources=(), marke
                         "to replace it", path)
 
 
+def _ours_only(entry: Path) -> bool:
+    """The lock, a temporary, or a folder holding nothing else: what a killed writer leaves in a new folder."""
+    if entry.name == LOCK or _LEFTOVER.match(entry.name):
+        return True
+    return entry.is_dir() and not entry.is_symlink() and all(_ours_only(e) for e in entry.iterdir())
+
+
 def final_path(path: str | Path) -> Path:
     """The path a temporary (``.NAME.tmp-<pid>-*``, or a file inside one) stands for, for messages."""
     path = Path(path)
@@ -89,6 +98,17 @@ def final_path(path: str | Path) -> Path:
         if match:
             return Path(*path.parts[:i], match["name"])
     return path
+
+
+def write_error(error: OSError, folder: Path) -> MbexportError:
+    """What the file system refused while writing ``folder``, as one line naming the file (or the folder,
+    when the library that wrote gave no name: numpy's short write says only "16384 requested and 10240
+    written", which is how ENOSPC reaches it)."""
+    reason = error.strerror or first_line(error)
+    if error.errno is None and _SHORT_WRITE.search(reason):  # a write the file system cut short: it is full
+        reason = f"no space left on device ({reason})"
+    where = final_path(error.filename) if error.filename else folder
+    return MbexportError(f"cannot write it: {reason[:1].lower()}{reason[1:]}", where)
 
 
 # ---- atomic writes ---------------------------------------------------------------------------------------------------
@@ -111,9 +131,11 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False, sources=(), marker
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_created(created)
+        if isinstance(error, OSError):
+            raise write_error(error, final) from error
         raise
 
 
@@ -171,8 +193,10 @@ def output_folder(path: str | Path, *, overwrite: bool = False, sources=(), mark
             yield path
         except keep_on:
             raise
-        except BaseException:
+        except BaseException as error:
             _remove_created(created)  # still under the lock: a waiting writer finds the folder gone and makes it
+            if isinstance(error, OSError):
+                raise write_error(error, path) from error
             raise
 
 
@@ -192,6 +216,8 @@ def folder_lock(folder: str | Path, *, log: Callable[[str], None] = lambda line:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:  # the previous holder removed the folder it had created: make it again
             continue
+        except OSError as error:  # read-only, not ours, full
+            raise MbexportError(f"cannot write in this folder ({error.strerror})", folder) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -205,12 +231,18 @@ def folder_lock(folder: str | Path, *, log: Callable[[str], None] = lambda line:
             os.close(fd)
             raise
         break
-    previous = _read_holder(fd)
-    if previous and not _alive(previous.get("pid")):
-        log(f"{folder}: took over the lock left by {_describe(previous)} (no longer running)")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+    try:
+        previous = _read_holder(fd)
+        if previous and not _alive(previous.get("pid")):
+            log(f"{folder}: took over the lock left by {_describe(previous)} (no longer running)")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+    except OSError as error:  # a full disk
+        os.unlink(lock)
+        os.close(fd)
+        _remove_created(created)
+        raise write_error(error, folder) from error
     _held.add(key)
     try:
         yield created

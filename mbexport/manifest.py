@@ -218,7 +218,7 @@ def _parse(root: Path, data) -> Manifest:
 
 
 def _check_details(details: dict, where: str) -> None:
-    """The details other stages read: external data and made_from (paths), profiles, cache key."""
+    """The details other stages read: external data and made_from (paths), profiles, cache key, warnings."""
     for name in ("external_data", "made_from"):
         if name in details:
             entry = _typed(details[name], dict, f"{where}.{name}")
@@ -233,6 +233,8 @@ def _check_details(details: dict, where: str) -> None:
     for name in ("cache_key", "converted_from"):
         if name in details:
             _typed(details[name], str, f"{where}.{name}")
+    if not all(isinstance(note, str) for note in _typed(details.get("warnings", []), list, f"{where}.warnings")):
+        raise _Malformed(f"{where}.warnings must be a list of strings")
     for i, profile in enumerate(_typed(details.get("profiles", []), list, f"{where}.profiles")):
         for dim, values in _typed(profile, dict, f"{where}.profiles[{i}]").items():
             if (not isinstance(values, list) or len(values) != 3

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -276,3 +277,66 @@ def test_engine_target_builds_and_runs(tmp_path, example):
         got = runner.infer(feed)["logits"]
     assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.99
     assert os.path.getsize(out / plan.path) > 0 and np.isfinite(got).all()
+
+
+def test_each_stage_says_what_it_is_doing(qa_copy, example):
+    """build tells its ``busy`` display each stage it works on (not the cached ones), with what it does."""
+    import contextlib
+
+    calls = []
+
+    @contextlib.contextmanager
+    def busy(stage, doing):
+        calls.append((stage, doing))
+        yield
+
+    checkpoint, vocab = example
+    build(checkpoint, recipe("qa", "int8", calibration=replace(FAST, size=3)), out_dir=qa_copy, vocab=vocab,
+          init_missing_head=0, busy=busy)
+    assert calls == [
+        ("quantize question-answering int8 (2/3)",
+         "calibrating on 3 seeded examples x 32 tokens (max), placing Q/DQ with Model Optimizer"),
+        ("validate (3/3)", "comparing question-answering fp32 and int8 with the PyTorch reference on ONNX Runtime "
+                           "(cpu)")]
+
+
+def test_the_live_display_draws_only_on_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from mbexport.terminal import StageDisplay
+
+    for terminal in (True, False):
+        screen = io.StringIO()
+        display = StageDisplay(Console(file=screen, force_terminal=terminal, width=120, markup=False))
+        with display.busy("export [qa] fp32 (1/3)", "reading the checkpoint"):
+            time.sleep(0.3)
+        drawn = screen.getvalue()
+        assert ("export [qa] fp32 (1/3)" in drawn and "reading the checkpoint" in drawn) == terminal, drawn
+        assert terminal or drawn == ""
+
+
+def test_a_cached_rerun_repeats_the_warnings_of_the_stages_it_skipped(qa_copy, example):
+    import warnings
+
+    checkpoint, vocab = example
+    long = recipe("qa", "int8", calibration=Calibration(size=8, sequence=384))  # cut to the model's 128
+    for run in ("builds", "cached"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = build(checkpoint, long, out_dir=qa_copy, vocab=vocab, init_missing_head=0)
+        said = " | ".join(str(w.message) for w in caught)
+        assert (result.built == []) == (run == "cached")
+        for note in ("calibration sequence 384 is cut to the model's 128 positions", "no calibration text",
+                     "the checkpoint has no qa_outputs"):
+            assert note in said, (run, said)
+
+
+def test_precision_names_are_case_insensitive_on_the_command_line(qa_copy, example, cli):
+    checkpoint, vocab = example
+    code, out, err = cli("build", str(checkpoint), "--task", "qa", "--precision", "FP16", "--target", "onnx",
+                         "--out", str(qa_copy), "--vocab", str(vocab), "--init-missing-head", "0")
+    assert code == 0 and "question-answering fp16" in out and "no stage(s) rebuilt" in out, err
+    code, out, err = cli("validate", str(qa_copy), "--precision", "FP16", "--task", "qa")  # (int4: nothing to do)
+    assert code == 0 and "validation passed" in out, err

@@ -139,3 +139,27 @@ def test_sequence_lengths_are_cut_to_the_models_positions():
     assert len(notes) == 2 and all("128 positions" in note for note in notes)
     check_profiles(fitted.profiles, get_task("qa"), max_positions=128)
     assert recipe.fit_positions(512) == (recipe, [])
+
+
+def test_precision_names_are_case_insensitive(tmp_path):
+    recipe = load_recipe(write(tmp_path, GOOD.replace('precision = "int8"', 'precision = "INT8"')))
+    assert recipe.precision == "int8" and recipe.override(precision="FP16").precision == "fp16"
+
+
+def test_the_built_wheel_ships_the_recipes(tmp_path):
+    """A non-editable install finds the shipped recipes only if the wheel carries them (package data)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__} is older than pyproject's build requirement (77)")
+    root = Path(__file__).resolve().parent.parent
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
+                            "--wheel-dir", str(tmp_path), str(root)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    assert "is deprecated" not in built.stdout + built.stderr  # the license form setuptools warned about
+    names = set(zipfile.ZipFile(next(tmp_path.glob("mbexport-*.whl"))).namelist())
+    shipped = {f"mbexport/recipes/{path.name}" for path in shipped_recipes()}
+    assert len(shipped) >= len(REQUIRED) and shipped | {"mbexport/recipes/README.md"} <= names
