@@ -324,7 +324,8 @@ def build_command(
                                                              "the flags below override its fields."),
     task: str | None = typer.Option(None, "--task", help="Head: qa, mlm, seq-cls, ... (required without --recipe)."),
     precision: str | None = typer.Option(None, "--precision", callback=_precisions,
-                                         help="fp16, int8, fp8 or fp32 (default fp16)."),
+                                         help="fp16, int8, fp8 or fp32 (default fp16); int8 and fp8 need "
+                                              "pip install 'mbexport[quant]'."),
     target: str | None = typer.Option(None, "--target", help="engine (TensorRT) or onnx; default engine when "
                                                              "TensorRT is importable, else onnx."),
     out: str | None = typer.Option(None, "--out", help="Output folder (default artifacts/<checkpoint name>)."),

@@ -155,9 +155,14 @@ def test_the_built_wheel_ships_the_recipes(tmp_path):
     setuptools = pytest.importorskip("setuptools")
     if int(setuptools.__version__.split(".")[0]) < 77:
         pytest.skip(f"setuptools {setuptools.__version__} is older than pyproject's build requirement (77)")
-    root = Path(__file__).resolve().parent.parent
+    import shutil
+
+    root, source = Path(__file__).resolve().parent.parent, tmp_path / "source"  # a clean tree: no egg-info
+    shutil.copytree(root / "mbexport", source / "mbexport", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
-                            "--wheel-dir", str(tmp_path), str(root)], capture_output=True, text=True)
+                            "--wheel-dir", str(tmp_path), str(source)], capture_output=True, text=True)
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     assert "is deprecated" not in built.stdout + built.stderr  # the license form setuptools warned about
     names = set(zipfile.ZipFile(next(tmp_path.glob("mbexport-*.whl"))).namelist())
