@@ -130,6 +130,10 @@ def test_encoding_follows_bert_templates(artifacts):
         alone = pipeline.encode({"text": [text], "text_pair": [pair]})
         assert all((mixed[k][i] == alone[k][0]).all() for k in alone)
     assert mixed["token_type_ids"].max(axis=1).tolist() == [0, 1, 0]
+    # With pad lengths, a batch is padded to the shortest that holds its longest row (Triton's tokenizer).
+    bucketed = serving.TextPipeline("sequence-classification", pipeline.tokenizer, max_length=12, pad_lengths=[4, 8])
+    assert [bucketed.encode({"text": [t]})["input_ids"].shape[1] for t in ("rome", "paris is big", "a " * 20)] == [
+        4, 8, 12]
     qa, _ = text_pipeline(Manifest.load(artifacts[0]), get_task("qa"), max_length=10)
     feed = qa.encode({"question": ["what city"], "context": ["paris is the capital of france and big"]})
     # Only the context is truncated: [CLS] what city [SEP] paris is the capital of [SEP]

@@ -132,6 +132,7 @@ def test_every_config_parses_and_matches_its_artifact(repo, artifacts):
             assert (folder / "1" / "model.py").read_bytes() == Path(serving.__file__).read_bytes()
             settings = json.loads((folder / "1" / serving.SETTINGS).read_text())
             assert settings["max_length"] == CONFIG.max_position_embeddings  # min(384, positions) for ONNX
+            assert settings["pad_lengths"] == [16, 32, 64]
             assert (folder / "1" / serving.VOCAB).read_bytes() == (artifacts / "vocab.txt").read_bytes()
 
 
@@ -175,7 +176,8 @@ def test_engine_sizes_come_from_its_profiles(artifacts, tmp_path):
     assert [list(w.inputs["input_ids"].dims) for w in config.model_warmup] == [[64], [64]]
     assert [w.batch_size for w in config.model_warmup] == [1, 16]
     # The tokenizer pads every request to the longest sequence a profile accepts.
-    assert json.loads((repo / "question-answering-fp32-tokenizer/1/serving.json").read_text())["max_length"] == 64
+    settings = json.loads((repo / "question-answering-fp32-tokenizer/1/serving.json").read_text())
+    assert settings["max_length"] == 64 and settings["pad_lengths"] == [16, 32, 64]  # each inside a profile
     assert config.instance_group[0].kind == KINDS.KIND_GPU  # a plan runs on a GPU only, whatever --device says
     check_ensemble(repo, parse(repo / "question-answering-fp32-text"))
 

@@ -9,7 +9,7 @@ not there is an error naming what is.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ KINDS = {"tensorrt": "engine", "onnxruntime": "onnx"}
 PREFERENCE = {"tensorrt": ("fp16", "fp8", "int8", "fp32"), "onnxruntime": ("fp32", "fp16", "int8", "fp8")}
 VOCAB = "vocab.txt"
 DEFAULT_SEQUENCE = 384  # without an engine's profiles: the default engine profile's max (SQuAD's usual length)
+PAD_LENGTHS = (16, 32, 64, 128, 256)  # shorter lengths a padded request may take below the longest
 
 
 def sequence_length(config: MegatronBertConfig, artifact: Artifact | None) -> int:
@@ -39,8 +40,17 @@ def sequence_length(config: MegatronBertConfig, artifact: Artifact | None) -> in
     return min(DEFAULT_SEQUENCE, config.max_position_embeddings)
 
 
+def padded_lengths(config: MegatronBertConfig, artifact: Artifact | None) -> list[int]:
+    """The lengths a padded request takes (the shortest that holds it): PAD_LENGTHS below the longest sequence
+    (for an engine, those inside one of its profiles), and the longest."""
+    longest = sequence_length(config, artifact)
+    profiles = artifact.details["profiles"] if artifact is not None and artifact.kind == "engine" else None
+    return [n for n in PAD_LENGTHS if n < longest and (profiles is None or any(
+        p["sequence"][0] <= n <= p["sequence"][2] for p in profiles))] + [longest]
+
+
 def text_pipeline(manifest: Manifest, task: Task, *, vocab: str | Path | None = None, max_length: int = 128,
-                  top_k: int = 5) -> tuple[TextPipeline, Path]:
+                  pad_lengths: Sequence[int] = (), top_k: int = 5) -> tuple[TextPipeline, Path]:
     """The serving pipeline for an output folder's head: its vocab (unless ``vocab`` is given) and its label
     names; and the vocab file it read."""
     if task.name not in TEXT_HEADS:
@@ -53,7 +63,8 @@ def text_pipeline(manifest: Manifest, task: Task, *, vocab: str | Path | None = 
                                 "WordPiece vocab)", manifest.root)
     config = MegatronBertConfig.from_hf_dict(manifest.config)
     labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
-    pipeline = TextPipeline(task.name, load_tokenizer(vocab), labels=labels, max_length=max_length, top_k=top_k)
+    pipeline = TextPipeline(task.name, load_tokenizer(vocab), labels=labels, max_length=max_length,
+                            pad_lengths=pad_lengths, top_k=top_k)
     return pipeline, Path(vocab)
 
 
@@ -71,8 +82,8 @@ def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backen
     used, artifact = choose(manifest, task, backend, precision)
     config = MegatronBertConfig.from_hf_dict(manifest.config)
     pipeline, _ = text_pipeline(manifest, task, vocab=vocab, max_length=sequence_length(config, artifact),
-                                top_k=top_k)
-    try:  # an engine only accepts sequences inside its profiles: pad to the longest, as Triton's tokenizer does
+                                pad_lengths=padded_lengths(config, artifact), top_k=top_k)
+    try:  # an engine only accepts sequences inside its profiles: pad as Triton's tokenizer does
         feed = pipeline.encode({field: [text] for field, text in texts.items()}, pad_to_max=used == "tensorrt")
     except RequestError as error:
         raise MbexportError(str(error)) from None

@@ -36,9 +36,10 @@ def wordpiece(vocab: str | Path, lowercase: bool = True):
 
 
 def encode(tokenizer, texts: list[str], pairs: list[str] | None = None, *, max_length: int = 128,
-           pad_to_max: bool = True) -> dict[str, np.ndarray]:
+           pad_to_max: bool = True, lengths: Sequence[int] = ()) -> dict[str, np.ndarray]:
     """Encode a batch: truncate to ``max_length`` (a pair's second text first), pad with [PAD] to ``max_length``
-    or to the longest row. A row whose pair is empty is encoded alone, exactly as it would be in a batch of one."""
+    (or, given ``lengths``, the shortest of them that holds the longest row), else to the longest row.
+    A row whose pair is empty is encoded alone, exactly as it would be in a batch of one."""
     pairs = list(pairs) if pairs else [""] * len(texts)
     tokenizer.no_padding()
     rows: list = [None] * len(texts)
@@ -49,7 +50,8 @@ def encode(tokenizer, texts: list[str], pairs: list[str] | None = None, *, max_l
             batch = tokenizer.encode_batch([(texts[i], pairs[i]) if paired else texts[i] for i in chosen])
             for i, encoding in zip(chosen, batch):
                 rows[i] = encoding
-    length = max_length if pad_to_max else max(len(e.ids) for e in rows)
+    longest = max(len(e.ids) for e in rows)
+    length = min((n for n in (*lengths, max_length) if n >= longest), default=longest) if pad_to_max else longest
     pad = tokenizer.token_to_id("[PAD]")
 
     def padded(values: list[list[int]], fill: int) -> np.ndarray:
@@ -179,16 +181,19 @@ TEXT_HEADS = {
 class TextPipeline:
     """Encode texts for one head and turn its outputs into one JSON-ready answer per row."""
 
-    def __init__(self, task: str, tokenizer, *, labels: Sequence[str] = (), max_length: int = 128, top_k: int = 5):
+    def __init__(self, task: str, tokenizer, *, labels: Sequence[str] = (), max_length: int = 128,
+                 pad_lengths: Sequence[int] = (), top_k: int = 5):
         self.task, self.head, self.tokenizer = task, TEXT_HEADS[task], tokenizer
         self.labels = list(labels)
         self.max_length, self.top_k = int(max_length), int(top_k)
+        self.pad_lengths = sorted(int(n) for n in pad_lengths)  # a padded batch's possible lengths (else max_length)
         self.special_ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
 
     @property
     def settings(self) -> dict:
         """What :meth:`load` reads back from ``serving.json``."""
-        return {"task": self.task, "labels": self.labels, "max_length": self.max_length, "top_k": self.top_k}
+        return {"task": self.task, "labels": self.labels, "max_length": self.max_length,
+                "pad_lengths": self.pad_lengths, "top_k": self.top_k}
 
     @classmethod
     def load(cls, folder: str | Path) -> "TextPipeline":
@@ -196,10 +201,12 @@ class TextPipeline:
         folder = Path(folder)
         settings = json.loads((folder / SETTINGS).read_text(encoding="utf-8"))
         return cls(settings["task"], wordpiece(folder / VOCAB), labels=settings["labels"],
-                   max_length=settings["max_length"], top_k=settings["top_k"])
+                   max_length=settings["max_length"], pad_lengths=settings["pad_lengths"], top_k=settings["top_k"])
 
     def encode(self, texts: Mapping[str, Sequence[str]], *, pad_to_max: bool = True) -> dict[str, np.ndarray]:
-        """Encoder inputs for a batch; ``texts`` maps each field to one string per row (an empty pair = none)."""
+        """Encoder inputs for a batch; ``texts`` maps each field to one string per row (an empty pair = none).
+        ``pad_to_max`` pads to the shortest of ``pad_lengths`` that holds every row (Triton's batcher stacks
+        requests of one length; a few lengths keep short texts from paying for the longest)."""
         fields = self.head.fields
         required = fields[:1] if self.head.pair_optional else fields
         missing = [f for f in required if not texts.get(f) or not all(texts[f])]
@@ -208,7 +215,8 @@ class TextPipeline:
         first = list(texts[fields[0]])
         pairs = list(texts.get(fields[1], ())) if len(fields) > 1 else None
         try:
-            feed = encode(self.tokenizer, first, pairs, max_length=self.max_length, pad_to_max=pad_to_max)
+            feed = encode(self.tokenizer, first, pairs, max_length=self.max_length, pad_to_max=pad_to_max,
+                          lengths=self.pad_lengths)
         except Exception as error:  # tokenizers raises plain Exceptions, e.g. a question longer than max_length
             raise RequestError(f"{self.task}: cannot encode the text in {self.max_length} tokens ({error})") from None
         marker = self.head.marker

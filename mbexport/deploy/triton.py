@@ -21,7 +21,7 @@ import numpy as np
 
 from mbexport.config import MegatronBertConfig
 from mbexport.deploy import serving
-from mbexport.deploy.run import describe, sequence_length, text_pipeline
+from mbexport.deploy.run import describe, padded_lengths, sequence_length, text_pipeline
 from mbexport.errors import MbexportError
 from mbexport.fsutil import atomic_dir
 from mbexport.inputs import sample_batch
@@ -65,7 +65,8 @@ def write_repository(artifacts: str | Path, repo: str | Path, *, tasks: list[str
     with atomic_dir(repo) as tmp:
         for task, artifact in heads:
             head = _Head(manifest, config, task, artifact, max_batch, instances, device)
-            text = (text_pipeline(manifest, task, vocab=vocab, max_length=head.sequence)
+            text = (text_pipeline(manifest, task, vocab=vocab, max_length=head.sequence,
+                                  pad_lengths=padded_lengths(config, artifact))
                     if task.name in serving.TEXT_HEADS else None)
             names += head.write(tmp, text)
         (tmp / MARKER).write_text(json.dumps({"artifacts": str(manifest.root.resolve()), "models": names}, indent=2))
@@ -123,7 +124,7 @@ class _Head:
         opt_batch = min(p["batch"][1] for p in profiles) if profiles else max(1, self.max_batch // 4)
         self.preferred = sorted({min(opt_batch, self.max_batch), self.max_batch})
         self.profiles = len(profiles)
-        # Every request is padded to one length, so the dynamic batcher can stack requests of any text length.
+        # Requests are padded to a few lengths, so the dynamic batcher can stack requests of similar length.
         self.sequence = sequence_length(config, artifact)
         self.choices = max(p["num_choices"][1] for p in profiles) if profiles and task.has_choices else 2
 
