@@ -291,7 +291,7 @@ def build_command(
     from pathlib import Path
 
     from mbexport.errors import ValidationFailed
-    from mbexport.pipeline import build
+    from mbexport.build import build
     from mbexport.recipes import Recipe, load_recipe
 
     if recipe is not None:

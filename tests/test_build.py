@@ -16,7 +16,7 @@ import pytest
 from mbexport.checkpoint.synthetic import make_example
 from mbexport.errors import MbexportError, MissingDependencyError, ValidationFailed
 from mbexport.manifest import Manifest
-from mbexport.pipeline import build
+from mbexport.build import build
 from mbexport.recipes import Calibration, Recipe
 
 FAST = Calibration(size=8, sequence=32)
@@ -170,10 +170,10 @@ def test_engine_without_tensorrt_fails_before_any_work(tmp_path, qa_copy, exampl
 
 
 def test_engine_stage_around_the_builder(qa_copy, monkeypatch):
-    """The pipeline's engine stage up to the TensorRT call: profiles checked against the model, the builder
+    """The build's engine stage up to the TensorRT call: profiles checked against the model, the builder
     called with the recipe's settings, the result recorded and cached. The builder is replaced by one that
     writes a file (TensorRT cannot be installed here); test_engine_target_builds_and_runs covers the real one."""
-    from mbexport import engine, pipeline
+    from mbexport import build as stages, engine
     from mbexport.config import MegatronBertConfig
     from mbexport.tasks import get_task
 
@@ -190,20 +190,20 @@ def test_engine_stage_around_the_builder(qa_copy, monkeypatch):
     config = MegatronBertConfig.from_hf_dict(manifest.config)
     task = get_task("qa")
     int8 = manifest.find(task.name, "int8", "onnx")[0]
-    run = pipeline._Run(manifest, pipeline.BuildResult(qa_copy, "engine"), lambda line: None)
-    plan = pipeline._engine(run, task, config, int8, recipe("qa", "int8"))
+    run = stages._Run(manifest, stages.BuildResult(qa_copy, "engine"), lambda line: None)
+    plan = stages._engine(run, task, config, int8, recipe("qa", "int8"))
     assert calls[0][0] == qa_copy / int8.path and calls[0][2] == "int8" and calls[0][4] == qa_copy
     assert calls[0][1] == engine.default_profiles(config.max_position_embeddings)  # 128 positions: up to 128
     assert calls[0][3].timing_cache == str(qa_copy / "timing.cache")
     assert plan.path == "question-answering/model.int8.plan" and plan.details["made_from"]["sha256"] == int8.sha256
     assert Manifest.load(qa_copy).find(task.name, "int8", "engine")[0].sha256 == plan.sha256
-    assert pipeline._engine(run, task, config, int8, recipe("qa", "int8")) == plan and len(calls) == 1  # cached
+    assert stages._engine(run, task, config, int8, recipe("qa", "int8")) == plan and len(calls) == 1  # cached
     long = recipe("qa", "int8", profiles=(engine.Profile(sequence=(16, 128, 384)),))
     with pytest.raises(MbexportError, match="max sequence 384 exceeds the model's 128 positions"):
-        pipeline._engine(run, task, config, int8, long)
+        stages._engine(run, task, config, int8, long)
     # re-quantizing the int8 ONNX leaves the engine made from it behind: forgotten and deleted
     fp32 = manifest.find(task.name, "fp32", "onnx")[0]
-    pipeline._precision(run, task, config, fp32, recipe("qa", "int8", calibration=replace(FAST, size=3)), None)
+    stages._precision(run, task, config, fp32, recipe("qa", "int8", calibration=replace(FAST, size=3)), None)
     assert Manifest.load(qa_copy).find(task.name, "int8", "engine") == [] and not (qa_copy / plan.path).exists()
 
 

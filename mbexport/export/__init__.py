@@ -2,6 +2,6 @@
 
 from mbexport.export.fp16 import convert_fp16
 from mbexport.export.fp32 import export_onnx
-from mbexport.export.pipeline import export, source_sha256
+from mbexport.export.folder import export, source_sha256
 
 __all__ = ["convert_fp16", "export", "export_onnx", "source_sha256"]
