@@ -43,7 +43,7 @@ from mbexport.config import MegatronBertConfig  # noqa: E402
 from mbexport.deploy.run import padded_lengths, sequence_length, text_pipeline  # noqa: E402
 from mbexport.deploy.triton import write_repository  # noqa: E402
 from mbexport.manifest import Manifest  # noqa: E402
-from mbexport.pipeline import build  # noqa: E402
+from mbexport.build import build  # noqa: E402
 from mbexport.recipes import Recipe  # noqa: E402
 from mbexport.runtime import ort_session  # noqa: E402
 from mbexport.tasks import get_task  # noqa: E402

@@ -27,7 +27,7 @@ from mbexport.config import MegatronBertConfig
 from mbexport.deploy.run import answer, sequence_length, text_pipeline
 from mbexport.deploy.triton import write_repository
 from mbexport.manifest import Manifest
-from mbexport.pipeline import build
+from mbexport.build import build
 from mbexport.recipes import Calibration, Recipe
 from mbexport.runtime import ort_session
 from mbexport.tasks import get_task
