@@ -149,7 +149,8 @@ def triton_rows(repo: Path, home: Path, model: str, spec, rows: list[dict], feed
             for mode, name, inputs in (("ensemble", f"{model}-text", texts), ("raw", model, raw)):
                 for concurrency in CONCURRENCY:
                     before = _stats(clients[0], model)
-                    row = drive(concurrency, seconds, lambda n, i: clients[n].infer(name, inputs[(n + i) % len(inputs)]))
+                    row = drive(concurrency, seconds,
+                                lambda n, i: clients[n].infer(name, inputs[(n + i) % len(inputs)]))
                     after = _stats(clients[0], model)
                     row.update(mode=mode, batching=batching,
                                executions=after[1] - before[1], inferences=after[0] - before[0])
@@ -224,7 +225,8 @@ def main() -> None:
     results += triton_rows(repo, work / "server", model, spec, rows, feeds, args.seconds, "on")
     plain = without_batching(repo, work / f"repo-{args.source}-no-batching", model)
     results += triton_rows(plain, work / "server", model, spec, rows, feeds, args.seconds, "off")
-    print(f"load average {os.getloadavg()[0]:.1f}; wrote {save(work, f'triton-{args.source}.json', {'environment': environment(), 'rows': results})}")
+    saved = save(work, f"triton-{args.source}.json", {"environment": environment(), "rows": results})
+    print(f"load average {os.getloadavg()[0]:.1f}; wrote {saved}")
 
 
 if __name__ == "__main__":

@@ -304,7 +304,8 @@ def test_concurrent_load_every_answer_correct_none_lost_and_batched(served, serv
     batches = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in after["batch_stats"]}
     assert inferences == LOAD_CLIENTS * LOAD_REQUESTS and executions < inferences
     assert max(batches) > 1, batches  # the dynamic batcher stacked requests
-    print(f"\n{model}: {inferences} inferences in {executions} executions; batch size: count {dict(sorted(batches.items()))}")
+    print(f"\n{model}: {inferences} inferences in {executions} executions; batch size: count "
+          f"{dict(sorted(batches.items()))}")
 
 
 def group_members(pgid: int) -> list[int]:

@@ -160,6 +160,8 @@ class TritonServer:
         except ProcessLookupError:
             pass
         process.wait()
+        for unpacked in ("pytriton", "nvidia_pytriton.libs"):  # 150 MB; the log stays
+            shutil.rmtree(self.home / unpacked, ignore_errors=True)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

@@ -275,8 +275,8 @@ class TritonPythonModel:
 
     def _postprocess(self, arrays):
         [name] = self.outputs
-        return {name: np.array([[json.dumps(answer).encode("utf-8")] for answer in self.pipeline.answers(arrays, arrays)],
-                               dtype=np.object_)}
+        answers = self.pipeline.answers(arrays, arrays)
+        return {name: np.array([[json.dumps(answer).encode("utf-8")] for answer in answers], dtype=np.object_)}
 
 
 def _text(value) -> str:
