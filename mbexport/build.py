@@ -22,6 +22,7 @@ from typing import Callable, ContextManager
 import mbexport
 from mbexport import engine
 from mbexport.config import MegatronBertConfig
+from mbexport.deploy.triton import REQUESTED
 from mbexport.errors import CheckpointError, MbexportError, ValidationFailed, own_warning
 from mbexport.export import convert_fp16, export, source_sha256
 from mbexport.fsutil import output_folder, sha256_file
@@ -102,9 +103,11 @@ def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = No
         for note in notes:
             warnings.warn(note, stacklevel=2)
         onnx = fp32 if recipe.precision == "fp32" else _precision(run, task, config, fp32, recipe, vocab)
-        if target == "engine":
-            _engine(run, task, config, onnx, recipe)
+        final = _engine(run, task, config, onnx, recipe) if target == "engine" else onnx
         _validate(run, task, recipe, device)
+        if not final.details.get(REQUESTED):  # what this build was for: `mbexport triton` deploys it, not its fp32
+            final.details[REQUESTED] = True
+            run.manifest.save()
     return run.result
 
 

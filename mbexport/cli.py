@@ -19,7 +19,7 @@ from mbexport.fsutil import OVERWRITE_FLAG
 # rich_markup_mode=None: help text prints literally, like every other message (terminal.py)
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Megatron-BERT checkpoints to validated ONNX, TensorRT and Triton artifacts.")
-console = terminal.out
+console, err_console = terminal.out, terminal.err
 _state = {"debug": False}
 
 
@@ -267,10 +267,14 @@ def triton_command(
                                                  "mbexport triton is replaced)."),
     task: list[str] | None = typer.Option(None, "--task", help="Heads to deploy (repeatable; default: all built)."),
     precision: list[str] | None = typer.Option(None, "--precision", callback=_precisions,
-                                               help="Precisions to deploy (repeatable)."),
+                                               help="Precisions to deploy (repeatable; default: what each head's "
+                                                    "builds were for)."),
+    device: str = typer.Option("auto", "--device", help="Instances of ONNX models: auto (Triton's KIND_AUTO: each "
+                                                        "GPU, else the CPU), cpu or gpu. TensorRT plans: GPU only."),
     max_batch: int | None = typer.Option(None, "--max-batch", help="max_batch_size (default: the engine profile's "
                                                                    "max batch; 32 for ONNX models)."),
-    instances: int = typer.Option(1, "--instances", help="Model instances per GPU (and per CPU for Python models)."),
+    instances: int = typer.Option(1, "--instances", help="Model instances per GPU (or on the CPU; also for the "
+                                                         "Python models)."),
     vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt (default: the one in ARTIFACTS)."),
     overwrite: bool = _overwrite_option("repository"),
 ):
@@ -278,7 +282,7 @@ def triton_command(
     from mbexport.deploy.triton import write_repository
 
     names = write_repository(artifacts, repo, tasks=task, precisions=precision, max_batch=max_batch,
-                             instances=instances, vocab=vocab, overwrite=overwrite)
+                             instances=instances, vocab=vocab, device=device, overwrite=overwrite)
     console.print(f"{repo}: {len(names)} models: {', '.join(names)}", highlight=False, soft_wrap=True)
     console.print(f"serve it with: tritonserver --model-repository {repo}", highlight=False, soft_wrap=True)
 
@@ -291,8 +295,9 @@ def run_command(
     context: str | None = typer.Option(None, "--context", help="Passage holding the answer (qa)."),
     text: str | None = typer.Option(None, "--text", help="Input text (seq-cls, nsp, mlm with [MASK], ner)."),
     text_pair: str | None = typer.Option(None, "--text-pair", help="Second text (seq-cls pairs, nsp)."),
-    backend: str = typer.Option("auto", "--backend", help="auto (TensorRT, else ONNX Runtime, else PyTorch), "
-                                                          "tensorrt, onnxruntime or pytorch."),
+    backend: str = typer.Option("auto", "--backend", help="auto (a built TensorRT engine, else a built ONNX file), "
+                                                          "tensorrt, onnxruntime or pytorch (the checkpoint's "
+                                                          "reference)."),
     precision: str | None = typer.Option(None, "--precision", callback=_precisions,
                                          help="Artifact precision (default: the backend's preferred built one)."),
     top_k: int = typer.Option(5, "--top-k", help="Candidates per [MASK] (mlm)."),
@@ -300,20 +305,21 @@ def run_command(
     device: str = typer.Option("cpu", "--device", help="ONNX Runtime device: cpu, cuda or auto."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole answer as JSON."),
 ):
-    """Answer from text: tokenize, run the best available backend, postprocess (Triton's ensemble, locally)."""
+    """Answer from text: tokenize, run a built artifact, postprocess (Triton's ensemble, locally)."""
     import json
 
-    from mbexport.deploy.pipeline import summary
-    from mbexport.deploy.run import answer
+    from mbexport.deploy.run import answer, summary
 
     fields = {"question": question, "context": context, "text": text, "text_pair": text_pair}
     result = answer(artifacts, task, {k: v for k, v in fields.items() if v is not None}, backend=backend,
                     precision=precision, vocab=vocab, top_k=top_k, device=device)
+    source = result["artifact"] or "the PyTorch reference rebuilt from the checkpoint"
+    err_console.print(f"{result['task']}: {result['backend']}, {result['precision']}, {source}", highlight=False,
+                      soft_wrap=True, markup=False)
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
-        console.print(f"{summary(result)}  [{result['backend']}, {result['precision']}]", highlight=False,
-                      soft_wrap=True, markup=False)
+        console.print(summary(result), highlight=False, soft_wrap=True, markup=False)
 
 
 # ---- build / recipes -------------------------------------------------------------------------------------------------

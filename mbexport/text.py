@@ -2,22 +2,22 @@
 
 Megatron-BERT uses BERT's WordPiece vocab (``vocab.txt``, not inside NGC zips: the user supplies it).
 One function encodes text the same way everywhere, so calibration data, local answers and Triton answers
-all see identical token ids.
+all see identical token ids. That function lives in ``mbexport.deploy.serving``, the file Triton's Python
+models run without mbexport; this module adds the checks a user's files get.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
+from mbexport.deploy.serving import encode, wordpiece
 from mbexport.errors import MbexportError
+
+__all__ = ["encode", "load_tokenizer", "read_lines"]
 
 
 def load_tokenizer(vocab: str | Path, lowercase: bool = True):
     """A fast ``tokenizers`` WordPiece tokenizer with BERT's [CLS] a [SEP] b [SEP] template."""
-    from tokenizers import BertWordPieceTokenizer
-
     vocab = Path(vocab)
     if not vocab.is_file():
         raise MbexportError("vocab file not found", vocab)
@@ -25,21 +25,7 @@ def load_tokenizer(vocab: str | Path, lowercase: bool = True):
     missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]") if t not in tokens]
     if missing:
         raise MbexportError(f"not a BERT WordPiece vocab (no {missing[0]})", vocab)
-    return BertWordPieceTokenizer(str(vocab), lowercase=lowercase)
-
-
-def encode(tokenizer, texts: list[str], pairs: list[str] | None = None, *, max_length: int = 128,
-           pad_to_max: bool = True) -> dict[str, np.ndarray]:
-    """Encode a batch: truncate to ``max_length`` (the second text first for pairs), pad with [PAD]."""
-    tokenizer.enable_truncation(max_length, strategy="only_second" if pairs else "longest_first")
-    pad_id = tokenizer.token_to_id("[PAD]")
-    tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]", length=max_length if pad_to_max else None)
-    batch = tokenizer.encode_batch(list(zip(texts, pairs)) if pairs else list(texts))
-    return {
-        "input_ids": np.array([e.ids for e in batch], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in batch], dtype=np.int64),
-        "token_type_ids": np.array([e.type_ids for e in batch], dtype=np.int64),
-    }
+    return wordpiece(vocab, lowercase)
 
 
 def read_lines(path: str | Path, limit: int | None = None) -> list[str]:

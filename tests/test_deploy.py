@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from mbexport.config import MegatronBertConfig
-from mbexport.deploy import postprocess
-from mbexport.deploy.pipeline import TextPipeline
-from mbexport.deploy.run import answer
+from mbexport.deploy import serving
+from mbexport.deploy.run import answer, text_pipeline
 from mbexport.errors import MbexportError
 from mbexport.export import export_onnx
 from mbexport.manifest import Manifest
@@ -67,7 +66,7 @@ def _random_model(task, seed):
 
 def reference_answer(model, name: str, root: Path) -> dict:
     """What the PyTorch reference says, through the same tokenization and postprocessing."""
-    pipeline = TextPipeline.for_artifacts(Manifest.load(root), name, max_length=64)
+    pipeline, _ = text_pipeline(Manifest.load(root), get_task(name), max_length=64)
     feed = pipeline.encode({k: [v] for k, v in TEXTS[name].items()}, pad_to_max=False)
     task = get_task(name)
     with torch.no_grad():
@@ -96,7 +95,7 @@ def test_best_span_matches_brute_force():
     start, end = rng.normal(size=(4, 12)), rng.normal(size=(4, 12))
     allowed = rng.random((4, 12)) > 0.4
     allowed[3] = False
-    spans = postprocess.best_span(start, end, allowed, max_tokens=4)
+    spans = serving.best_span(start, end, allowed, max_tokens=4)
     for row in range(3):
         pairs = [(start[row, i] + end[row, j], i, j) for i in range(12) for j in range(i, min(12, i + 4))
                  if allowed[row, i] and allowed[row, j]]
@@ -110,25 +109,36 @@ def test_best_span_matches_brute_force():
 
 def test_classify_and_top_tokens():
     logits = np.array([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
-    result = postprocess.classify(logits, ["a", "b", "c"])
+    result = serving.classify(logits, ["a", "b", "c"])
     assert [r["label"] for r in result] == ["a", "b"]
     assert result[0]["probabilities"]["a"] == pytest.approx(np.exp(2) / (np.exp(2) + 1 + np.exp(-1)))
     # Ids past the real vocab (Megatron's padding rows) never win, however large their logit.
     row = np.array([[0.0, 1.0, 5.0, 9.0]])
-    assert [t for t, _ in postprocess.top_tokens(row, np.array([0]), 2, vocab_size=3)[0]] == [2, 1]
+    assert [t for t, _ in serving.top_tokens(row, np.array([0]), 2, vocab_size=3)[0]] == [2, 1]
 
 
 def test_encoding_follows_bert_templates(artifacts):
-    pipeline = TextPipeline.for_artifacts(Manifest.load(artifacts[0]), "seq-cls", max_length=12)
+    pipeline, _ = text_pipeline(Manifest.load(artifacts[0]), get_task("seq-cls"), max_length=12)
     feed = pipeline.encode({"text": ["paris is big", "rome"], "text_pair": ["", ""]})  # empty pair = single text
     ids = [VOCAB.index(t) for t in ("[CLS]", "paris", "is", "big", "[SEP]")]
     assert feed["input_ids"][0].tolist() == ids + [0] * 7 and feed["token_type_ids"].max() == 0
     assert feed["attention_mask"].sum(axis=1).tolist() == [5, 3]
-    qa = TextPipeline.for_artifacts(Manifest.load(artifacts[0]), "qa", max_length=10)
+    # In a batch, a row with an empty pair is still encoded alone: each row as it would be in a batch of one.
+    rows = [("paris is big", ""), ("rome", "berlin is in germany"), ("rome is old", "")]
+    mixed = pipeline.encode({"text": [t for t, _ in rows], "text_pair": [p for _, p in rows]})
+    for i, (text, pair) in enumerate(rows):
+        alone = pipeline.encode({"text": [text], "text_pair": [pair]})
+        assert all((mixed[k][i] == alone[k][0]).all() for k in alone)
+    assert mixed["token_type_ids"].max(axis=1).tolist() == [0, 1, 0]
+    # With pad lengths, a batch is padded to the shortest that holds its longest row (Triton's tokenizer).
+    bucketed = serving.TextPipeline("sequence-classification", pipeline.tokenizer, max_length=12, pad_lengths=[4, 8])
+    assert [bucketed.encode({"text": [t]})["input_ids"].shape[1] for t in ("rome", "paris is big", "a " * 20)] == [
+        4, 8, 12]
+    qa, _ = text_pipeline(Manifest.load(artifacts[0]), get_task("qa"), max_length=10)
     feed = qa.encode({"question": ["what city"], "context": ["paris is the capital of france and big"]})
     # Only the context is truncated: [CLS] what city [SEP] paris is the capital of [SEP]
     assert feed["token_type_ids"][0].tolist() == [0] * 4 + [1] * 6 and feed["input_ids"][0, -1] == VOCAB.index("[SEP]")
-    with pytest.raises(MbexportError, match="needs text for 'context'"):
+    with pytest.raises(serving.RequestError, match="needs text for 'context'"):
         qa.encode({"question": ["what city"], "context": [""]})
 
 
@@ -177,8 +187,24 @@ def test_run_cli_json_and_errors(artifacts, cli, tmp_path):
     assert code == 2 and "unknown device 'tpu'" in err and len(err.strip().splitlines()) == 1
     code, out, err = cli("run", str(root), "--task", "model", "--text", "paris")
     assert code == 2 and "no text-in, answer-out pipeline for 'model'" in err
-    code, out, err = cli("run", str(root), "--task", "nsp", "--text", "paris", "--text-pair", "rome")
-    assert code == 2 and "no onnx artifact for next-sentence" in err and "PyTorch reference" in err
+
+
+def test_run_never_substitutes_what_was_asked_for(artifacts, cli):
+    """Asked for and not built is an error naming what was built; what auto chose is said before the answer."""
+    root, _ = artifacts
+    qa = ("--task", "qa", "--question", "q", "--context", "c")
+    built = "question-answering fp32 (onnx)"
+    for args, problem in ((("--task", "nsp", "--text", "paris", "--text-pair", "rome"),
+                           f"next-sentence was not built here (built: masked-lm fp32 (onnx); {built};"),
+                          ((*qa, "--precision", "fp16"), f"no fp16 artifact for question-answering (built: {built})"),
+                          ((*qa, "--backend", "pytorch", "--precision", "int8"),
+                           "the PyTorch reference runs fp32 only"),
+                          (("--task", "mlm", "--text", "no mask here"), "put at least one [MASK] in 'text'")):
+        code, out, err = cli("run", str(root), *args)
+        assert code == 2 and problem in err and len(err.strip().splitlines()) == 1 and not out, (args, err)
+    code, out, err = cli("run", str(root), "--task", "qa", "--question", QUESTION, "--context", CONTEXT)
+    assert code == 0 and err.strip() == "question-answering: onnxruntime, fp32, question-answering/model.fp32.onnx"
+    assert out.strip().startswith("'")  # the answer, after the line saying where it came from
 
 
 def test_run_needs_a_vocab(artifacts, tmp_path):

@@ -1,20 +1,15 @@
-"""The Triton model repository: every config parses into Triton's ModelConfig protobuf and agrees with the
-artifact it serves, the ensembles are wired end to end, and the generated Python models answer like
-`mbexport run`.
-
-No Triton server can run here (no container engine, no server binaries). The ensemble is therefore executed
-in-process: the repository's own ``model.py`` files run against a small stand-in for Triton's
-``triton_python_backend_utils`` (the four calls they use), and the inference step runs the repository's
-``1/model.onnx`` in ONNX Runtime, following the ensemble config's input/output maps.
+"""The Triton model repository as files: every config parses into Triton's ModelConfig protobuf and agrees with
+the artifact it serves, the ensembles are wired end to end, the Python models are the standalone serving file,
+and the repository holds what users asked for with the modes they expect. A real server loads and answers
+from these repositories in test_triton_server.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import ast
 import json
+import os
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +17,22 @@ import onnx
 import pytest
 
 from mbexport.config import MegatronBertConfig
-from mbexport.deploy.run import answer
-from mbexport.deploy.triton import write_repository
+from mbexport.deploy import serving
+from mbexport.deploy.triton import REQUESTED, write_repository
 from mbexport.errors import MbexportError
 from mbexport.fsutil import sha256_file
 from mbexport.manifest import Artifact, Manifest
-from mbexport.runtime import ort_session
 from test_deploy import CONFIG, TEXTS, shared_artifacts
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
-from google.protobuf import json_format, text_format  # noqa: E402  (tritonclient[grpc] brings protobuf)
+from google.protobuf import text_format  # noqa: E402  (tritonclient[grpc] brings protobuf)
 
+KINDS = model_config_pb2.ModelInstanceGroup
 NUMPY = {"TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_FP32": np.float32, "TYPE_FP16": np.float16,
          "TYPE_STRING": np.object_}
+# What Triton's Python models may import: the serving image has numpy and tokenizers, nothing of mbexport.
+SERVING_IMPORTS = {"__future__", "json", "dataclasses", "pathlib", "typing", "numpy", "tokenizers",
+                   "triton_python_backend_utils"}
 ONNX_TYPES = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32",
               onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.INT32: "TYPE_INT32"}
 
@@ -64,7 +62,7 @@ def dtype_name(value: int) -> str:
 def check_inference_model(folder: Path, config, max_batch: int, vocab_size: int = CONFIG.vocab_size):
     """Names, dtypes and ranks against the ONNX graph Triton will load; warm-up files against the config."""
     assert config.max_batch_size == max_batch
-    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert config.instance_group[0].kind == KINDS.KIND_AUTO  # the default: each GPU, else the CPU
     assert list(config.dynamic_batching.preferred_batch_size)[-1] == max_batch
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
     graph = onnx.load(str(folder / "1" / "model.onnx"), load_external_data=False).graph
@@ -115,7 +113,7 @@ def check_ensemble(repo: Path, config) -> list:
     return steps
 
 
-def test_every_config_parses_and_matches_its_artifact(repo):
+def test_every_config_parses_and_matches_its_artifact(repo, artifacts):
     folders = sorted(p for p in repo.iterdir() if p.is_dir())
     assert {p.name for p in folders} == {f"{task}-fp32{suffix}" for task in TEXTS
                                          for suffix in ("", "-tokenizer", "-postprocess", "-text")}
@@ -130,102 +128,21 @@ def test_every_config_parses_and_matches_its_artifact(repo):
             assert [s.model_name for s, _ in steps] == [f"{base}-tokenizer", base, f"{base}-postprocess"]
         else:
             assert config.backend == "python" and config.parameters["role"].string_value in ("tokenizer", "postprocess")
-            compile((folder / "1" / "model.py").read_text(), str(folder / "1" / "model.py"), "exec")
-            settings = json.loads((folder / "1" / "pipeline.json").read_text())
+            assert config.instance_group[0].kind == KINDS.KIND_CPU
+            assert (folder / "1" / "model.py").read_bytes() == Path(serving.__file__).read_bytes()
+            settings = json.loads((folder / "1" / serving.SETTINGS).read_text())
             assert settings["max_length"] == CONFIG.max_position_embeddings  # min(384, positions) for ONNX
+            assert settings["pad_lengths"] == [16, 32, 64]
+            assert (folder / "1" / serving.VOCAB).read_bytes() == (artifacts / "vocab.txt").read_bytes()
 
 
-class FakeTensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-
-def fake_pb_utils():
-    """A stand-in for the parts of Triton's triton_python_backend_utils that the generated model.py calls."""
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.Tensor = FakeTensor
-    pb.TritonError = type("TritonError", (Exception,), {})
-    pb.InferenceResponse = lambda output_tensors, error=None: types.SimpleNamespace(
-        outputs={t.name(): t.as_numpy() for t in output_tensors}, error=error)
-    pb.get_input_tensor_by_name = lambda request, name: request.get(name)
-    pb.triton_string_to_numpy = lambda name: NUMPY[name]
-    return pb
-
-
-def load_python_model(folder: Path, config, monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
-    spec = importlib.util.spec_from_file_location(f"model_{folder.name.replace('-', '_')}", folder / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.TritonPythonModel()
-    model.initialize({"model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
-                      "model_repository": str(folder), "model_version": "1", "model_name": folder.name,
-                      "model_instance_kind": "CPU", "model_instance_device_id": "0"})
-    return model
-
-
-def run_ensemble(repo: Path, name: str, request: dict, monkeypatch):
-    """Execute an ensemble the way Triton does: step by step, tensors named by its input/output maps."""
-    config = parse(repo / name)
-    tensors = dict(request)
-    for step, model_config in check_ensemble(repo, config):
-        inputs = {key: FakeTensor(key, tensors[source]) for key, source in step.input_map.items()}
-        folder = repo / step.model_name
-        if model_config.backend == "python":
-            [response] = load_python_model(folder, model_config, monkeypatch).execute([inputs])
-            if response.error is not None:
-                return response
-            outputs = response.outputs
-        else:
-            session = ort_session(folder / "1" / "model.onnx")
-            names = [t.name for t in model_config.output]
-            outputs = dict(zip(names, session.run(names, {k: t.as_numpy() for k, t in inputs.items()})))
-        for key, target in step.output_map.items():
-            tensors[target] = outputs[key]
-    return tensors["answer"]
-
-
-def same(a, b):
-    """Equal documents, floats to float32 noise."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            same(a[key], b[key])
-    elif isinstance(a, list):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            same(x, y)
-    elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-3, abs=1e-6)
-    else:
-        assert a == b
-
-
-@pytest.mark.parametrize("task", list(TEXTS))
-def test_ensemble_answers_like_mbexport_run(repo, artifacts, task, monkeypatch):
-    texts = TEXTS[task]
-    other = {field: "paris is in france" for field in texts}
-    request = {field: np.array([[texts[field].encode()], [other[field].encode()]], dtype=np.object_)
-               for field in texts}
-    result = run_ensemble(repo, f"{task}-fp32-text", request, monkeypatch)
-    assert result.shape == (2, 1) and result.dtype == np.object_
-    for row, fields in zip(result[:, 0], (texts, other)):
-        local = answer(artifacts, task, fields)
-        for key in ("task", "backend", "precision", "artifact"):
-            local.pop(key)
-        same(json.loads(row.decode()), local)
-
-
-def test_bad_request_gets_an_error_response(repo, monkeypatch):
-    request = {"question": np.array([[b"where?"]], dtype=np.object_), "context": np.array([[b""]], dtype=np.object_)}
-    response = run_ensemble(repo, "question-answering-fp32-text", request, monkeypatch)
-    assert "context" in str(response.error)
+def test_python_models_need_only_numpy_and_tokenizers():
+    """The serving file imports nothing a stock Triton image lacks (no torch, no mbexport)."""
+    tree = ast.parse(Path(serving.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= SERVING_IMPORTS, imported - SERVING_IMPORTS
 
 
 def with_engine(artifacts: Path, root: Path, profiles: list[dict]) -> Path:
@@ -259,7 +176,9 @@ def test_engine_sizes_come_from_its_profiles(artifacts, tmp_path):
     assert [list(w.inputs["input_ids"].dims) for w in config.model_warmup] == [[64], [64]]
     assert [w.batch_size for w in config.model_warmup] == [1, 16]
     # The tokenizer pads every request to the longest sequence a profile accepts.
-    assert json.loads((repo / "question-answering-fp32-tokenizer/1/pipeline.json").read_text())["max_length"] == 64
+    settings = json.loads((repo / "question-answering-fp32-tokenizer/1/serving.json").read_text())
+    assert settings["max_length"] == 64 and settings["pad_lengths"] == [16, 32, 64]  # each inside a profile
+    assert config.instance_group[0].kind == KINDS.KIND_GPU  # a plan runs on a GPU only, whatever --device says
     check_ensemble(repo, parse(repo / "question-answering-fp32-text"))
 
     write_repository(root, repo, tasks=["qa"], max_batch=8, instances=2)  # replaces the repository
@@ -316,3 +235,55 @@ def test_builtin_example_answers_on_every_backend_here(tmp_path, cli):
     repo, vocab_size = tmp_path / "repo", MegatronBertConfig.from_hf_dict(Manifest.load(out).config).vocab_size
     check_inference_model(repo / "question-answering-fp32", parse(repo / "question-answering-fp32"), 32, vocab_size)
     check_ensemble(repo, parse(repo / "question-answering-fp32-text"))
+
+
+def kinds(repo: Path) -> dict[str, str]:
+    return {folder.name: KINDS.Kind.Name(parse(folder).instance_group[0].kind)
+            for folder in repo.iterdir() if folder.is_dir() and not folder.name.endswith("-text")}
+
+
+def test_device_chooses_instance_kinds_and_plans_stay_on_gpus(artifacts, tmp_path, cli):
+    for device, kind in (("cpu", "KIND_CPU"), ("gpu", "KIND_GPU"), ("auto", "KIND_AUTO")):
+        write_repository(artifacts, tmp_path / device, tasks=["qa"], device=device)
+        assert kinds(tmp_path / device) == {"question-answering-fp32": kind, "question-answering-fp32-tokenizer":
+                                            "KIND_CPU", "question-answering-fp32-postprocess": "KIND_CPU"}
+    root = with_engine(artifacts, tmp_path / "out", [{"batch": [1, 4, 16], "sequence": [16, 48, 64]}])
+    code, out, err = cli("triton", str(root), "--repo", str(tmp_path / "plans"), "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "question-answering fp32 is a TensorRT plan, which runs on a GPU only" in err
+    assert not (tmp_path / "plans").exists() and not list(tmp_path.glob(".plans*"))
+    code, out, err = cli("triton", str(root), "--repo", str(tmp_path / "plans"), "--device", "tpu")
+    assert code == 2 and "unknown device 'tpu' (choose auto, cpu, gpu)" in err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_repository_modes_follow_the_umask(artifacts, tmp_path, umask):
+    """A server running as another user (NVIDIA's container) reads what the umask lets it: 0755/0644 by default."""
+    old = os.umask(umask)
+    try:
+        write_repository(artifacts, tmp_path / "repo", tasks=["qa"])
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "repo", *(tmp_path / "repo").rglob("*")]
+    assert {oct(p.stat().st_mode & 0o777) for p in paths if p.is_dir()} == {oct(0o777 & ~umask)}
+    assert {oct(p.stat().st_mode & 0o777) for p in paths if p.is_file()} == {oct(0o666 & ~umask)}
+
+
+def test_deploys_what_the_builds_were_for(artifacts, tmp_path):
+    """A head with build-requested artifacts deploys those, not the fp32 export they came from; an only-exported
+    head deploys its export; --precision deploys exactly what it names."""
+    root = Path(shutil.copytree(artifacts, tmp_path / "out"))
+    manifest = Manifest.load(root)
+    qa = manifest.find("question-answering", "fp32", "onnx")[0]
+    int8 = root / "question-answering" / "model.int8.onnx"
+    shutil.copyfile(manifest.path_of(qa), int8)  # the bytes do not matter to the writer, only the records
+    manifest.add(Artifact("question-answering", "int8", "onnx", "question-answering/model.int8.onnx",
+                          sha256_file(int8), qa.io, {REQUESTED: True}))
+    manifest.save()
+    write_repository(root, tmp_path / "repo")
+    deployed = {p.name for p in (tmp_path / "repo").iterdir() if p.is_dir() and parse(p).platform == "onnxruntime_onnx"}
+    assert deployed == {"question-answering-int8", *(f"{task}-fp32" for task in TEXTS if task != "question-answering")}
+    write_repository(root, tmp_path / "repo", precisions=["fp32"])
+    assert "question-answering-fp32" in {p.name for p in (tmp_path / "repo").iterdir()}
+    with pytest.raises(MbexportError, match=r"matches --task/--precision \(built: .*question-answering fp32, int8"):
+        write_repository(root, tmp_path / "repo", precisions=["fp8"])

@@ -1,32 +1,38 @@
 """``mbexport triton``: a Triton model repository that starts as is, with text in and answers out.
 
-For each built head and precision ``<task>-<precision>`` it writes the inference model (the TensorRT engine,
-or the ONNX file when no engine was built) and, for heads with a text pipeline, a Python tokenizer, a Python
-postprocessor and an ensemble ``<task>-<precision>-text`` wiring the three. Names, dtypes and ranks come
-from the artifact itself (the ONNX graph's IO) and the task registry; batch and sequence limits from the
-engine's optimization profiles. The whole repository is written in a temporary folder and renamed into place.
+For each deployed head and precision ``<task>-<precision>`` it writes the inference model (the TensorRT
+engine, or the ONNX file when no engine was built) and, for heads that take text, a Python tokenizer, a Python
+postprocessor and an ensemble ``<task>-<precision>-text`` wiring the three. The Python models are
+``serving.py`` itself (numpy and ``tokenizers`` only), the code ``mbexport run`` answers with. Names, dtypes
+and ranks come from the artifact itself (the ONNX graph's IO) and the task registry; batch and sequence limits
+from the engine's optimization profiles. By default a head deploys what its builds were asked for (``build``
+marks it), not the fp32 export they started from. The repository is written in a temporary folder, given the
+modes the user's umask gives new files (a server running as another user must read it), and renamed into place.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from mbexport.config import MegatronBertConfig
-from mbexport.deploy.pipeline import TEXT_TASKS, TextPipeline
+from mbexport.deploy import serving
+from mbexport.deploy.run import describe, padded_lengths, sequence_length, text_pipeline
 from mbexport.errors import MbexportError
 from mbexport.fsutil import atomic_dir, check_output
 from mbexport.inputs import sample_batch
-from mbexport.manifest import Artifact, Manifest, external_data_name
+from mbexport.manifest import Artifact, Manifest
 from mbexport.tasks import Task, get_task
 
-MODEL_PY = Path(__file__).with_name("triton_model.py")  # not imported here: it needs Triton's pb_utils
+REQUESTED = "requested"  # artifact detail `build` sets on what it was asked for: deployed by default
+# Instance kinds: auto lets Triton put an ONNX model on every GPU it finds and on the CPU where there is none.
+DEVICES = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 MARKER = ".mbexport-triton.json"  # says a folder is ours to replace
 DEFAULT_MAX_BATCH = 32  # ONNX models have no profile to take it from; the default engine profile's max
-DEFAULT_SEQUENCE = 384  # likewise: the default engine profile's max sequence (SQuAD's usual length)
 QUEUE_DELAY_US = 100
 TRITON_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
                 "bfloat16": "TYPE_BF16", "bool": "TYPE_BOOL", "string": "TYPE_STRING"}
@@ -39,38 +45,59 @@ class Enum(str):
 
 def write_repository(artifacts: str | Path, repo: str | Path, *, tasks: list[str] | None = None,
                      precisions: list[str] | None = None, max_batch: int | None = None, instances: int = 1,
-                     vocab: str | Path | None = None, overwrite: bool = False) -> list[str]:
+                     vocab: str | Path | None = None, device: str = "auto", overwrite: bool = False) -> list[str]:
     """Write (or replace) the model repository ``repo``; returns the model names in it."""
     manifest = Manifest.load(artifacts)
     repo = Path(repo)
     check_output(repo, overwrite=overwrite, sources=(manifest.root,), marker=MARKER)  # before any work
     if instances < 1 or (max_batch is not None and max_batch < 1):
         raise MbexportError("--instances and --max-batch must be at least 1")
+    if device not in DEVICES:
+        raise MbexportError(f"unknown device '{device}' (choose {', '.join(DEVICES)})")
     heads = _heads(manifest, tasks, precisions)
+    for task, artifact in heads:
+        if artifact.kind == "engine" and device == "cpu":
+            raise MbexportError(f"{task.name} {artifact.precision} is a TensorRT plan, which runs on a GPU only; "
+                                f"use --device gpu or auto", manifest.path_of(artifact))
     config = MegatronBertConfig.from_hf_dict(manifest.config)
     names: list[str] = []
     with atomic_dir(repo, overwrite=overwrite, sources=(manifest.root,), marker=MARKER) as tmp:
         for task, artifact in heads:
-            manifest.trusted_path(artifact)
-            head = _Head(manifest, config, task, artifact, max_batch, instances)
-            pipeline = (TextPipeline.for_artifacts(manifest, task, vocab=vocab, max_length=head.sequence)
-                        if task.name in TEXT_TASKS else None)
-            names += head.write(tmp, pipeline)
+            head = _Head(manifest, config, task, artifact, max_batch, instances, device)
+            text = (text_pipeline(manifest, task, vocab=vocab, max_length=head.sequence,
+                                  pad_lengths=padded_lengths(config, artifact))
+                    if task.name in serving.TEXT_HEADS else None)
+            names += head.write(tmp, text)
         (tmp / MARKER).write_text(json.dumps({"artifacts": str(manifest.root.resolve()), "models": names}, indent=2))
+        tmp.chmod(0o777 & ~_umask())  # a temporary folder is private; everything inside already follows the umask
     return names
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _heads(manifest: Manifest, tasks: list[str] | None, precisions: list[str] | None) -> list[tuple[Task, Artifact]]:
-    """One (task, artifact) per built head and precision: the engine when there is one, else the ONNX file."""
+    """One (task, artifact) per deployed head and precision: the engine when there is one, else the ONNX file.
+
+    Without ``precisions``, a head deploys the artifacts its builds were asked for, or everything it has when
+    none was (a folder that was only exported)."""
     wanted = {get_task(t).name for t in tasks} if tasks else None
+    built = [a for kind in ("onnx", "engine") for a in manifest.find(kind=kind) if wanted is None or a.task in wanted]
+    if precisions:
+        selected = [a for a in built if a.precision in precisions]
+    else:
+        requested = {a.task for a in built if a.details.get(REQUESTED)}
+        selected = [a for a in built if a.task not in requested or a.details.get(REQUESTED)]
     chosen: dict[tuple[str, str], Artifact] = {}
-    for kind in ("onnx", "engine"):  # engines replace ONNX files of the same head and precision
-        for artifact in manifest.find(kind=kind):
-            if (wanted is None or artifact.task in wanted) and (not precisions or artifact.precision in precisions):
-                chosen[(artifact.task, artifact.precision)] = artifact
+    for artifact in selected:  # engines (listed last) replace ONNX files of the same head and precision
+        chosen[(artifact.task, artifact.precision)] = artifact
     if not chosen:
-        raise MbexportError("no ONNX model or engine matches --task/--precision; run mbexport export or build "
-                            "first", manifest.root)
+        raise MbexportError(f"no ONNX model or engine matches --task/--precision (built: "
+                            f"{describe(manifest.find(kind='onnx') + manifest.find(kind='engine')) or 'nothing'})",
+                            manifest.root)
     return [(get_task(task), chosen[(task, precision)]) for task, precision in sorted(chosen)]
 
 
@@ -78,11 +105,12 @@ class _Head:
     """The models of one head and precision: inference, and the text ensemble when the head has one."""
 
     def __init__(self, manifest: Manifest, config: MegatronBertConfig, task: Task, artifact: Artifact,
-                 max_batch: int | None, instances: int):
+                 max_batch: int | None, instances: int, device: str):
         self.manifest, self.config, self.task, self.artifact = manifest, config, task, artifact
         self.name = f"{task.name}-{artifact.precision}"
         self.instances = instances
         self.engine = artifact.kind == "engine"
+        self.kind = "KIND_GPU" if self.engine else DEVICES[device]
         self.dtypes = self._dtypes()
         profiles = (artifact.details.get("profiles") or []) if self.engine else []
         if self.engine and not profiles:
@@ -95,24 +123,24 @@ class _Head:
         opt_batch = min(p["batch"][1] for p in profiles) if profiles else max(1, self.max_batch // 4)
         self.preferred = sorted({min(opt_batch, self.max_batch), self.max_batch})
         self.profiles = len(profiles)
-        # Every request is padded to one length, so the dynamic batcher can stack requests of any text length.
-        self.sequence = (max(p["sequence"][2] for p in profiles) if profiles
-                         else min(DEFAULT_SEQUENCE, config.max_position_embeddings))
+        # Requests are padded to a few lengths, so the dynamic batcher can stack requests of similar length.
+        self.sequence = sequence_length(config, artifact)
         self.choices = max(p["num_choices"][1] for p in profiles) if profiles and task.has_choices else 2
 
-    def write(self, repo: Path, pipeline: TextPipeline | None) -> list[str]:
-        self._write_inference(repo / self.name, pipeline.vocab if pipeline else None)
-        if pipeline is None:
+    def write(self, repo: Path, text: tuple[serving.TextPipeline, Path] | None) -> list[str]:
+        """The inference model, and with ``text`` (the head's pipeline and vocab file) its text ensemble."""
+        self._write_inference(repo / self.name, text[1] if text else None)
+        if text is None:
             return [self.name]
-        spec = pipeline.spec
+        spec = text[0].head
         inputs = [_tensor(f, "string", [1]) for f in spec.fields]
         encoded = [_tensor(s.name, self.dtypes[s.name], self._dims(s)) for s in self.task.inputs]
         outputs = [_tensor(s.name, self.dtypes[s.name], self._dims(s)) for s in self.task.outputs]
         needed = [t for t in encoded if t["name"] in spec.needs]
         answer = [_tensor(ANSWER, "string", [1])]
         tokenizer, postprocess, ensemble = (f"{self.name}-{suffix}" for suffix in ("tokenizer", "postprocess", "text"))
-        self._write_python(repo / tokenizer, "tokenizer", inputs, encoded, pipeline)
-        self._write_python(repo / postprocess, "postprocess", outputs + needed, answer, pipeline)
+        self._write_python(repo / tokenizer, "tokenizer", inputs, encoded, text)
+        self._write_python(repo / postprocess, "postprocess", outputs + needed, answer, text)
         steps = [(tokenizer, inputs, encoded), (self.name, encoded, outputs), (postprocess, outputs + needed, answer)]
         _write_config(repo / ensemble, {
             "name": ensemble, "platform": "ensemble", "max_batch_size": self.max_batch,
@@ -127,15 +155,15 @@ class _Head:
         return [self.name, tokenizer, postprocess, ensemble]
 
     def _write_inference(self, folder: Path, vocab: Path | None) -> None:
-        source = self.manifest.path_of(self.artifact)
+        source = self.manifest.trusted_path(self.artifact)  # hashes checked, external data included
         (folder / "1").mkdir(parents=True)
         shutil.copyfile(source, folder / "1" / ("model.plan" if self.engine else "model.onnx"))
-        data = source.parent / external_data_name(source)
-        if not self.engine and data.is_file():  # the graph refers to its data file by this name
+        data = self.manifest.external_data_of(self.artifact)  # checked: a bare name beside the model
+        if data is not None:  # the graph refers to its data file by this bare name, beside it
             shutil.copyfile(data, folder / "1" / data.name)
         inputs = [_tensor(s.name, self.dtypes[s.name], self._dims(s)) for s in self.task.inputs]
         warmup = self._write_warmup(folder / "warmup", vocab)
-        group = {"count": self.instances, "kind": Enum("KIND_GPU")}
+        group = {"count": self.instances, "kind": Enum(self.kind)}
         if self.profiles > 1:  # otherwise Triton uses only the first profile
             group["profile"] = [str(i) for i in range(self.profiles)]
         _write_config(folder, {
@@ -166,10 +194,14 @@ class _Head:
         return files
 
     def _write_python(self, folder: Path, role: str, inputs: list[dict], outputs: list[dict],
-                      pipeline: TextPipeline) -> None:
-        (folder / "1").mkdir(parents=True)
-        shutil.copyfile(MODEL_PY, folder / "1" / "model.py")
-        pipeline.save(folder / "1")
+                      text: tuple[serving.TextPipeline, Path]) -> None:
+        """A Python-backend model: ``serving.py`` as ``model.py``, beside the vocab and the pipeline's settings."""
+        pipeline, vocab = text
+        version = folder / "1"
+        version.mkdir(parents=True)
+        shutil.copyfile(serving.__file__, version / "model.py")
+        shutil.copyfile(vocab, version / serving.VOCAB)
+        (version / serving.SETTINGS).write_text(json.dumps(pipeline.settings, indent=2), encoding="utf-8")
         _write_config(folder, {
             "name": folder.name, "backend": "python", "max_batch_size": self.max_batch,
             "input": inputs, "output": outputs,
