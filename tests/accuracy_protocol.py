@@ -1,4 +1,4 @@
-"""Task accuracy on labelled text: what quantization costs where it matters.
+"""Task accuracy on labelled text, the trained fixture's protocol: what quantization costs where it matters.
 
 Agreement with the fp32 reference (validate) says whether an artifact picks the same answers; accuracy on
 held-out text says whether the answers it changes were right. Random weights cannot show this, so
