@@ -21,24 +21,8 @@ def model_flops(config: MegatronBertConfig, task: Task, batch: int, sequence: in
     linears = 2 * tokens * (4 * h * h + 2 * h * ffn)  # Q, K, V, output projection; MLP up and down
     attention = 2 * 2 * rows * s * s * h  # Q @ K^T and probabilities @ V, all heads together
     trunk = config.num_hidden_layers * (linears + attention)
-    pooler = 2 * rows * h * h if task.pooler else 0
-    return trunk + pooler + _head_flops(config, task, rows, tokens)
-
-
-def _head_flops(config: MegatronBertConfig, task: Task, rows: int, tokens: int) -> int:
-    h, vocab, labels = config.hidden_size, config.vocab_size, config.num_labels
-    lm = 2 * tokens * (h * h + h * vocab)  # transform dense, then the tied decoder over the padded vocab
-    return {
-        "model": 0,
-        "masked-lm": lm,
-        "causal-lm": lm,
-        "next-sentence": 2 * rows * h * 2,
-        "pretraining": lm + 2 * rows * h * 2,
-        "sequence-classification": 2 * rows * h * labels,
-        "multiple-choice": 2 * rows * h,
-        "token-classification": 2 * tokens * h * labels,
-        "question-answering": 2 * tokens * h * 2,
-    }[task.name]
+    head = sum(2 * (tokens if m.reads == "tokens" else rows) * m.multiply_adds(config) for m in task.weight_modules)
+    return trunk + head
 
 
 # (device-name pattern, {precision: dense TFLOP/s (TOPS for int8)}); the first match wins, so the more

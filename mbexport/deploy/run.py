@@ -14,12 +14,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mbexport.config import MegatronBertConfig
-from mbexport.deploy.serving import TEXT_HEADS, RequestError, TextPipeline
+from mbexport.deploy.serving import RequestError, TextPipeline
 from mbexport.engine import tensorrt_available, trt_runner
 from mbexport.errors import MbexportError
 from mbexport.manifest import Artifact, Manifest
 from mbexport.runtime import ort_session
-from mbexport.tasks import Task, get_task
+from mbexport.tasks import TASKS, Task, get_task
 from mbexport.text import load_tokenizer
 
 BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
@@ -53,8 +53,7 @@ def text_pipeline(manifest: Manifest, task: Task, *, vocab: str | Path | None = 
                   pad_lengths: Sequence[int] = (), top_k: int = 5) -> tuple[TextPipeline, Path]:
     """The serving pipeline for an output folder's head: its vocab (unless ``vocab`` is given) and its label
     names; and the vocab file it read."""
-    if task.name not in TEXT_HEADS:
-        raise MbexportError(f"no text-in, answer-out pipeline for '{task.name}' (supported: {', '.join(TEXT_HEADS)})")
+    _require_text_head(task)
     if vocab is None:
         recorded = manifest.find(kind="vocab")
         vocab = manifest.trusted_path(recorded[0]) if recorded else manifest.root / VOCAB
@@ -63,14 +62,15 @@ def text_pipeline(manifest: Manifest, task: Task, *, vocab: str | Path | None = 
                                 "WordPiece vocab)", manifest.root)
     config = MegatronBertConfig.from_hf_dict(manifest.config)
     labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
-    pipeline = TextPipeline(task.name, load_tokenizer(vocab), labels=labels, max_length=max_length,
+    pipeline = TextPipeline(task.serving, load_tokenizer(vocab), labels=labels, max_length=max_length,
                             pad_lengths=pad_lengths, top_k=top_k)
     return pipeline, Path(vocab)
 
 
 def _require_text_head(task: Task) -> None:
-    if task.name not in TEXT_HEADS:
-        raise MbexportError(f"no text-in, answer-out pipeline for '{task.name}' (supported: {', '.join(TEXT_HEADS)})")
+    if task.serving is None:
+        supported = ", ".join(t.name for t in TASKS.values() if t.serving)
+        raise MbexportError(f"no text-in, answer-out pipeline for '{task.name}' (supported: {supported})")
 
 
 def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backend: str = "auto",

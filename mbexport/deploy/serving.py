@@ -5,7 +5,7 @@
 mbexport. ``mbexport run`` imports it as ``mbexport.deploy.serving``, so a local answer is the server's answer.
 
 ``TEXT_HEADS`` is the one table of what each head reads as text and how its outputs become an answer, keyed
-by canonical task name (the task registry can refer to its entries).
+by canonical task name; the task registry names each head's entry (``Task.serving``), this file imports none.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def write_repository(artifacts: str | Path, repo: str | Path, *, tasks: list[str
             head = _Head(manifest, config, task, artifact, max_batch, instances, device)
             text = (text_pipeline(manifest, task, vocab=vocab, max_length=head.sequence,
                                   pad_lengths=padded_lengths(config, artifact))
-                    if task.name in serving.TEXT_HEADS else None)
+                    if task.serving else None)
             names += head.write(tmp, text)
         (tmp / MARKER).write_text(json.dumps({"artifacts": str(manifest.root.resolve()), "models": names}, indent=2))
         tmp.chmod(0o777 & ~_umask())  # a temporary folder is private; everything inside already follows the umask
