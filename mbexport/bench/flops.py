@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from mbexport.config import MegatronBertConfig
+from mbexport.precisions import get_precision
 from mbexport.tasks import Task
 
 
@@ -25,9 +26,9 @@ def model_flops(config: MegatronBertConfig, task: Task, batch: int, sequence: in
     return trunk + head
 
 
-# (device-name pattern, {precision: dense TFLOP/s (TOPS for int8)}); the first match wins, so the more
-# specific names come first. fp32 is left out on purpose: whether TF32 tensor cores are used depends on the
-# runtime's settings, so no single peak would be honest.
+# (device-name pattern, {math: dense TFLOP/s (TOPS for int8)}); the first match wins, so the more specific
+# names come first. A precision's ``math`` (the precision registry) picks the column; fp32 has none on purpose:
+# whether TF32 tensor cores are used depends on the runtime's settings, so no single peak would be honest.
 _PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
     (r"H100.*PCIe", {"fp16": 756.0, "int8": 1513.0, "fp8": 1513.0}),
     (r"H100.*NVL", {"fp16": 835.0, "int8": 1671.0, "fp8": 1671.0}),
@@ -42,9 +43,10 @@ _PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
 
 def dense_peak(device_name: str | None, precision: str) -> float | None:
     """The device's dense peak in TFLOP/s for ``precision``; None when unknown (CPUs, unlisted GPUs, fp32)."""
-    if not device_name:
+    math = get_precision(precision).math
+    if not device_name or math is None:
         return None
     for pattern, peaks in _PEAKS:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
-            return peaks.get(precision)
+            return peaks.get(math)
     return None

@@ -18,15 +18,13 @@ from mbexport.deploy.serving import RequestError, TextPipeline
 from mbexport.engine import tensorrt_available, trt_runner
 from mbexport.errors import MbexportError
 from mbexport.manifest import Artifact, Manifest
+from mbexport.precisions import RUNTIMES, get_precision
 from mbexport.runtime import ort_session
 from mbexport.tasks import TASKS, Task, get_task
 from mbexport.text import load_tokenizer
 
-BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
-KINDS = {"tensorrt": "engine", "onnxruntime": "onnx"}
-# Which precision a backend prefers when several were built: fp16 is TensorRT's usual pick; on the CPU fp32
-# is both the fastest and the exact one.
-PREFERENCE = {"tensorrt": ("fp16", "fp8", "int8", "fp32"), "onnxruntime": ("fp32", "fp16", "int8", "fp8")}
+BACKENDS = (*RUNTIMES, "pytorch")  # the runtimes of built artifacts, and the checkpoint's reference
+KINDS = {name: runtime.kind for name, runtime in RUNTIMES.items()}
 VOCAB = "vocab.txt"
 DEFAULT_SEQUENCE = 384  # without an engine's profiles: the default engine profile's max (SQuAD's usual length)
 PAD_LENGTHS = (16, 32, 64, 128, 256)  # shorter lengths a padded request may take below the longest
@@ -78,6 +76,7 @@ def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backen
     """The answer for one example, plus which backend and artifact produced it."""
     manifest = Manifest.load(artifacts)
     task = get_task(task)
+    precision = get_precision(precision).name if precision is not None else None
     _require_text_head(task)  # before loading anything
     used, artifact = choose(manifest, task, backend, precision)
     config = MegatronBertConfig.from_hf_dict(manifest.config)
@@ -119,7 +118,8 @@ def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str
             reasons.append("TensorRT is not installed")
             continue
         found = {a.precision: a for a in own if a.kind == KINDS[name]}
-        pick = found.get(precision) if precision else next((found[p] for p in PREFERENCE[name] if p in found), None)
+        preferred = (precision,) if precision else RUNTIMES[name].preference
+        pick = next((found[p] for p in preferred if p in found), None)
         if pick is not None:
             return name, pick
         reasons.append(f"no {KINDS[name]}{f' {precision}' if precision else ''} artifact (built: {describe(own)})")

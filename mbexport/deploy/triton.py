@@ -26,6 +26,7 @@ from mbexport.errors import MbexportError
 from mbexport.fsutil import atomic_dir, check_output
 from mbexport.inputs import sample_batch
 from mbexport.manifest import Artifact, Manifest
+from mbexport.precisions import get_precision
 from mbexport.tasks import Task, get_task
 
 REQUESTED = "requested"  # artifact detail `build` sets on what it was asked for: deployed by default
@@ -87,7 +88,8 @@ def _heads(manifest: Manifest, tasks: list[str] | None, precisions: list[str] | 
     wanted = {get_task(t).name for t in tasks} if tasks else None
     built = [a for kind in ("onnx", "engine") for a in manifest.find(kind=kind) if wanted is None or a.task in wanted]
     if precisions:
-        selected = [a for a in built if a.precision in precisions]
+        names = {get_precision(p).name for p in precisions}
+        selected = [a for a in built if a.precision in names]
     else:
         requested = {a.task for a in built if a.details.get(REQUESTED)}
         selected = [a for a in built if a.task not in requested or a.details.get(REQUESTED)]
