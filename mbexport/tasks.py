@@ -11,6 +11,7 @@ later stages are named (``mbexport.lazy.Ref``), not imported. Nothing else in mb
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 from mbexport.config import MegatronBertConfig
 from mbexport.errors import MbexportError
@@ -126,11 +127,6 @@ class Task:
         return self.modules + ((POOLER,) if self.pooler else ())
 
     @property
-    def head_weights(self) -> tuple[str, ...]:
-        """State-dict prefixes of the head's own modules."""
-        return tuple(f"{m.name}." for m in self.modules)
-
-    @property
     def head_prefixes(self) -> tuple[str, ...]:
         """Every state-dict prefix this head needs beyond the encoder: its own weights and, if used, the pooler."""
         return tuple(f"{m.name}." for m in self.weight_modules)
@@ -223,3 +219,41 @@ def module_groups() -> dict[str, tuple[HeadModule, ...]]:
         if module not in declared:
             declared.append(module)
     return {group: tuple(modules) for group, modules in groups.items()}
+
+
+def modules_in(weights: Mapping[str, tuple[int, ...]], config: MegatronBertConfig,
+               architectures: Sequence[str] | None = None) -> set[HeadModule]:
+    """The head modules (the pooler too) a checkpoint holds: weights (name -> shape) with their shapes and meaning.
+
+    Meaning matters where heads declare one module name differently (``classifier``): a checkpoint that names
+    its architecture (config.json's ``architectures``) holds that head's classifier; one that does not is read
+    from its tensors: the classifier reads rows (the pooled [CLS]) when the pooler is there, tokens when it is
+    not.
+    """
+    named = [t for t in TASKS.values() if t.hf_class in (architectures or ())]
+    pooled = all(weights.get(name) == shape for name, shape in POOLER.shapes(config).items())
+
+    def meant(module: HeadModule, declared: tuple[HeadModule, ...]) -> bool:
+        if len(declared) == 1:
+            return True
+        if named:
+            return any(module in task.modules for task in named)
+        return (module.reads == "rows") == pooled
+
+    return {module for declared in module_groups().values() for module in declared
+            if all(weights.get(name) == shape for name, shape in module.shapes(config).items())
+            and meant(module, declared)}
+
+
+def heads_in(weights: Mapping[str, tuple[int, ...]], config: MegatronBertConfig,
+             architectures: Sequence[str] | None = None) -> tuple[Task, ...]:
+    """The heads a checkpoint holds (``modules_in`` every module they need); the bare encoder always (a missing
+    pooler is seeded for it)."""
+    held = modules_in(weights, config, architectures)
+    return tuple(task for task in TASKS.values() if not task.modules or held.issuperset(task.weight_modules))
+
+
+def richest(heads: Sequence[Task], config: MegatronBertConfig) -> Task:
+    """The head that uses most of a checkpoint's weights: config.json's architecture when the checkpoint names
+    none (pretraining over masked-LM over the bare encoder)."""
+    return max(heads, key=lambda task: (bool(task.modules), len(task.weight_shapes(config))))

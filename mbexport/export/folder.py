@@ -36,9 +36,12 @@ def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisi
     if vocab is not None and not Path(vocab).is_file():
         raise MbexportError("vocab file not found", vocab)
     checkpoint = load_checkpoint(source)
+    if task.name not in checkpoint.heads and init_missing_head is None:
+        raise MbexportError(f"the checkpoint has no '{task.name}' head (it holds: {', '.join(checkpoint.heads)}); "
+                            "pass --init-missing-head SEED to start it from seeded random weights", source)
     out_dir = Path(out_dir)
     manifest = _open_manifest(out_dir, checkpoint)
-    model, seeded = build_reference(task, checkpoint.config, checkpoint.state_dict,
+    model, seeded = build_reference(task, checkpoint.config, checkpoint.weights_for(task),
                                     init_missing_head=init_missing_head, source=source)
     del checkpoint  # the model holds (fp32) or converted (fp16) the weights; nothing else needs the rest
     folder = out_dir / task.name
