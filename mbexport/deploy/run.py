@@ -18,7 +18,7 @@ from mbexport.deploy.serving import RequestError, TextPipeline
 from mbexport.engine import tensorrt_available, trt_runner
 from mbexport.errors import MbexportError
 from mbexport.manifest import Artifact, Manifest
-from mbexport.precisions import RUNTIMES, get_precision
+from mbexport.precisions import EXPORTED, RUNTIMES, get_precision
 from mbexport.runtime import ort_session
 from mbexport.tasks import TASKS, Task, get_task
 from mbexport.text import load_tokenizer
@@ -89,7 +89,7 @@ def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backen
     with _runner(manifest, task, used, artifact, device) as runner:
         outputs = {name: np.asarray(value) for name, value in runner.infer(feed).items()}
     result = pipeline.answers(feed, outputs)[0]
-    return {"task": task.name, "backend": used, "precision": artifact.precision if artifact else "fp32",
+    return {"task": task.name, "backend": used, "precision": artifact.precision if artifact else EXPORTED,
             "artifact": artifact.path if artifact else None, **result}
 
 
@@ -102,8 +102,8 @@ def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str
     if backend not in ("auto", *BACKENDS):
         raise MbexportError(f"unknown backend '{backend}' (choose auto, {', '.join(BACKENDS)})")
     if backend == "pytorch":
-        if precision not in (None, "fp32"):
-            raise MbexportError(f"the PyTorch reference runs fp32 only, not {precision}")
+        if precision not in (None, EXPORTED):
+            raise MbexportError(f"the PyTorch reference runs {EXPORTED} only, not {precision}")
         return backend, None
     built = [a for a in manifest.artifacts if a.kind in KINDS.values()]
     if not any(a.task == task.name for a in built):
