@@ -63,7 +63,7 @@ class HeadModule:
     Heads that declare equal modules read the same weights with the same meaning (masked-LM, causal-LM and
     pretraining share ``cls.predictions``). One name declared differently is one tensor with different
     meanings: ``classifier`` scores rows for sequence classification, tokens for token classification, and
-    (row, choice) pairs with one output for multiple choice; ``heads_in`` tells them apart.
+    (row, choice) pairs with one output for multiple choice; ``modules_in`` tells them apart.
     """
 
     group: str  # its weights' group in checkpoint.names.expected_shapes (and synthetic checkpoints' heads=)

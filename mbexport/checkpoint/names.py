@@ -116,7 +116,7 @@ _GLOBAL_FROM_HF = {hf: c for c, hf in GLOBAL_TO_HF.items()}
 def expected_shapes(config: MegatronBertConfig, state_dict: dict) -> dict[str, dict[str, tuple[int, ...]]]:
     """Shapes of every tensor by group: ``trunk`` is required; each other group, the pooler and the head modules
     of the task registry, is all-or-nothing. A module heads declare with different sizes (the classifier: labels
-    or one score) takes the checkpoint's own row count: which heads it serves is ``tasks.heads_in``'s call."""
+    or one score) takes the checkpoint's own row count: which head it serves is ``tasks.modules_in``'s call."""
     h, f = config.hidden_size, config.intermediate_size
     trunk = {
         "bert.embeddings.word_embeddings.weight": (config.vocab_size, h),
