@@ -1,0 +1,177 @@
+"""INT8 for ONNX Runtime's integer kernels: the fused model (``export.ort``) with int8 matmuls in its trunk.
+
+Each encoder matmul becomes ONNX Runtime's integer operator with int8 weights (symmetric, per output channel)
+and uint8 activations (per tensor, ranges from calibration): the QKV projection ``QAttention`` (the attention
+itself stays fp32 inside it), the others ``MatMulIntegerToFloat`` with their bias folded in. GELU stays
+ORT's ``Gelu``, LayerNorm and the residual adds fp32, and so does everything after the trunk's final
+LayerNorm (the head), as in the TensorRT int8 artifact.
+
+Static, calibrated activation ranges rather than ``quantize_dynamic``'s per-batch ones: measured on the 345M
+QA head (benchmarks/README.md), the same graph with dynamic ranges ran 5-10% slower at the same accuracy on
+the trained fixture. Activation ranges are ``max`` (the smallest and largest value seen) or ``entropy`` (ONNX
+Runtime's KL-divergence threshold over histograms), gathered batch by batch so memory stays one batch's
+activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mbexport.errors import MbexportError
+from mbexport.export.onnxfile import checked_onnx, readers, save_model
+from mbexport.export.ort import fused_model
+from mbexport.fsutil import temp_prefix
+from mbexport.precisions import CALIBRATION_METHODS, ONNXRUNTIME, made_by
+
+QMAX = 127  # symmetric int8 weights in [-127, 127]: the u8 x s8 products of VNNI never saturate
+MS = "com.microsoft"
+
+
+def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str = "int8",
+                     calibration: list[dict[str, np.ndarray]], method: str = "max") -> Path:
+    """Write the int8 version of ``fp32_path`` for ONNX Runtime to ``out_path`` (checked, atomic), its activation
+    ranges the ``method`` statistic over ``calibration`` (feed dicts, see ``calibration_batches``)."""
+    from onnx import helper, numpy_helper
+
+    if mode not in made_by("quantize", ONNXRUNTIME):
+        raise MbexportError(f"cannot quantize to '{mode}' for {ONNXRUNTIME}; choose one of: "
+                            f"{', '.join(made_by('quantize', ONNXRUNTIME))}")
+    if method not in CALIBRATION_METHODS:
+        raise MbexportError(f"unknown calibration method '{method}'; choose one of: {', '.join(CALIBRATION_METHODS)}")
+    if not calibration:
+        raise MbexportError("no calibration batches", fp32_path)
+    if not Path(fp32_path).is_file():
+        raise MbexportError("ONNX file not found", fp32_path)
+    model = fused_model(fp32_path, skip_layer_norm=False, bias_gelu=False)
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    consumers = readers(graph)
+    head = _head(graph, fp32_path)
+    targets = [n for n in graph.node if id(n) not in head
+               and (n.op_type == "Attention" or (n.op_type == "MatMul" and n.input[1] in weights))]
+    ranges = _ranges(model, sorted({n.input[0] for n in targets}), calibration, method, out_path)
+    replaced, folded = {}, set()
+    for index, node in enumerate(targets):
+        name, x, output = f"mbexport_int8_{index}", node.input[0], node.output[0]
+        weight = numpy_helper.to_array(weights[node.input[1]])
+        scale = np.maximum(np.abs(weight).max(axis=0), np.finfo(np.float32).tiny) / QMAX
+        low, high = min(ranges[x][0], 0.0), max(ranges[x][1], 0.0)  # zero must be exact (padding, ReLU-like)
+        x_scale = max(high - low, np.finfo(np.float32).tiny) / 255
+        graph.initializer.extend(numpy_helper.from_array(array, f"{name}_{part}") for part, array in (
+            ("w", np.clip(np.rint(weight / scale), -QMAX, QMAX).astype(np.int8)),
+            ("w_scale", scale.astype(np.float32)), ("w_zero", np.zeros(weight.shape[1], np.int8)),
+            ("x_scale", np.array(x_scale, np.float32)), ("x_zero", np.array(np.rint(-low / x_scale), np.uint8))))
+        quantized = [f"{name}_x", f"{name}_x_scale", f"{name}_x_zero"]
+        nodes = [helper.make_node("QuantizeLinear", [x, *quantized[1:]], quantized[:1], name=f"{name}_quantize")]
+        if node.op_type == "Attention":  # input, weight, bias, input scale, weight scale, mask, zero points
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            nodes.append(helper.make_node("QAttention", [quantized[0], f"{name}_w", node.input[2], quantized[1],
+                                                         f"{name}_w_scale", node.input[3], quantized[2],
+                                                         f"{name}_w_zero"],
+                                          [output], name=name, domain=MS, **attributes))
+        else:
+            bias = _bias(consumers.get(output, []), output, weights, weight.shape[1])
+            if bias is not None:
+                folded.add(id(bias))
+                output = bias.output[0]
+            nodes.append(helper.make_node("MatMulIntegerToFloat", [
+                quantized[0], f"{name}_w", quantized[1], f"{name}_w_scale", quantized[2], f"{name}_w_zero",
+                *([n for n in bias.input if n in weights] if bias is not None else [])], [output], name=name,
+                domain=MS))
+        replaced[id(node)] = nodes
+    nodes = [new for node in graph.node if id(node) not in folded for new in replaced.get(id(node), [node])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    with checked_onnx(out_path) as staged:
+        save_model(model, staged)
+    return Path(out_path)
+
+
+def _bias(after: list, output: str, weights: dict, width: int):
+    """The Add that adds a constant [width] bias to a matmul's ``output`` and nothing else reads, or None."""
+    from onnx import TensorProto
+
+    if len(after) != 1 or after[0].op_type != "Add":
+        return None
+    other = [name for name in after[0].input if name != output]
+    bias = weights.get(other[0]) if len(other) == 1 else None
+    if bias is None or tuple(bias.dims) != (width,) or bias.data_type != TensorProto.FLOAT:
+        return None
+    return after[0]
+
+
+def _head(graph, source) -> set[int]:
+    """ids of every node after the trunk's final LayerNormalization: in a pre-LN encoder the only one whose
+    input (the residual stream) nothing else reads, before the head's own."""
+    consumers = readers(graph)
+    final = next((n for n in graph.node if n.op_type == "LayerNormalization" and len(consumers[n.input[0]]) == 1),
+                 None)
+    if final is None:
+        raise MbexportError("no final LayerNormalization: not a pre-LN Megatron-BERT export", source)
+    head, frontier = set(), list(final.output)
+    while frontier:
+        for node in consumers.get(frontier.pop(), ()):
+            if id(node) not in head:
+                head.add(id(node))
+                frontier += node.output
+    return head
+
+
+def _ranges(model, names: list[str], calibration: list[dict[str, np.ndarray]], method: str,
+            out_path: str | Path) -> dict[str, tuple[float, float]]:
+    """(low, high) of each tensor in ``names`` over the calibration batches, run in ONNX Runtime.
+
+    ``max``: the model also outputs each tensor's ReduceMin/ReduceMax, so a batch adds two numbers per tensor;
+    ``entropy``: it outputs the tensors, which ONNX Runtime's histogram collector folds in one batch at a time.
+    The probe is ``model`` itself, saved with those outputs, which are then taken out again (and its weights read
+    back from the saved file).
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    graph = model.graph
+    outputs, probes = list(graph.output), []
+    for i, name in enumerate(names if method == "max" else ()):
+        probes += [onnx.helper.make_node(op, [name], [f"mbexport_{op}_{i}"], keepdims=0)
+                   for op in ("ReduceMin", "ReduceMax")]
+    probed = [out for node in probes for out in node.output] or names
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(out_path), dir=out_path.parent) as tmp:
+        graph.node.extend(probes)
+        del graph.output[:]
+        graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in probed)
+        try:
+            save_model(model, Path(tmp) / "probe.onnx")
+            onnx.load_external_data_for_model(model, tmp)
+        finally:
+            del graph.output[:]
+            graph.output.extend(outputs)
+            del graph.node[len(graph.node) - len(probes):]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(Path(tmp) / "probe.onnx"), options, providers=["CPUExecutionProvider"])
+        if method == "max":
+            low, high = dict.fromkeys(names, np.inf), dict.fromkeys(names, -np.inf)
+            for feed in calibration:
+                values = session.run(probed, feed)
+                for name, least, most in zip(names, values[0::2], values[1::2]):
+                    low[name], high[name] = min(low[name], float(least)), max(high[name], float(most))
+            return {name: (low[name], high[name]) for name in names}
+        collector = HistogramCollector("entropy", symmetric=False, num_bins=128, num_quantized_bins=128,
+                                       percentile=99.999, scenario="same")
+        with contextlib.redirect_stdout(io.StringIO()):  # the collector prints its progress
+            for feed in calibration:
+                collector.collect(dict(zip(names, session.run(names, feed))))
+            thresholds = collector.compute_collection_result()
+    return {name: (float(thresholds[name][0]), float(thresholds[name][1])) for name in names}
