@@ -27,7 +27,7 @@ from mbexport.errors import CheckpointError, MbexportError, ValidationFailed, ow
 from mbexport.export import export, source_sha256
 from mbexport.fsutil import output_folder, sha256_file
 from mbexport.manifest import MANIFEST, Artifact, Manifest
-from mbexport.precisions import EXPORTED, OPSET, PRECISIONS, get_precision
+from mbexport.precisions import DEFAULT_RUNTIME, EXPORTED, OPSET, RUNTIMES, Precision, get_precision
 from mbexport.quantize import calibration_batches
 from mbexport.recipes import Recipe
 from mbexport.runtime import providers
@@ -63,13 +63,20 @@ def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = No
     source = Path(source).resolve()
     if not source.exists():
         raise CheckpointError("no such file or directory", source)
-    task, precision = get_task(recipe.task), get_precision(recipe.precision)
+    task, precision = get_task(recipe.task), get_precision(recipe.precision, recipe.runtime)
+    if task.causal and not RUNTIMES[precision.runtime].causal:
+        raise MbexportError(f"{task.name} is a causal head; files shaped for {precision.runtime} take a padding mask "
+                            f"only (its fused attention): build it with --runtime {DEFAULT_RUNTIME}", recipe.path)
     try:  # bad tolerances are bad input: say so before the export, not after
         tolerances_for(recipe.precision, "onnx", recipe.tolerances)
     except MbexportError as error:
         raise MbexportError(str(error), recipe.path) from None
     providers(device)  # validation's device: an unknown one, or CUDA without onnxruntime-gpu, fails before the export
-    target = recipe.target or ("engine" if engine.tensorrt_available() else "onnx")
+    buildable = RUNTIMES[precision.runtime].kind == "engine"  # TensorRT builds engines from files shaped for it
+    target = recipe.target or ("engine" if buildable and engine.tensorrt_available() else "onnx")
+    if target == "engine" and not buildable:
+        raise MbexportError(f"TensorRT cannot build an engine from {precision.label}, which holds ONNX Runtime's own "
+                            "operators; use --target onnx", recipe.path)
     if target == "engine":
         engine.require_tensorrt()  # fail before any work, not after the export
     text = recipe.calibration.text if precision.calibrated else None
@@ -88,14 +95,14 @@ def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = No
             raise MbexportError("calibration text needs --vocab to tokenize it", text)
         run = _Run(manifest, BuildResult(out_dir, target), log, busy)
         run.total = 2 + (precision.transform is not None) + (target == "engine")
-        exported = PRECISIONS[EXPORTED]
+        exported = get_precision(EXPORTED)
 
         def make_fp32(path: Path) -> dict:
             run.manifest = export(source, task, out_dir, init_missing_head=init_missing_head, vocab=vocab,
                                   opset=OPSET)
             return run.manifest.find(task.name, EXPORTED, "onnx")[0].details
 
-        fp32 = run.stage(f"{exported.step} {task.name} {EXPORTED}", exported.doing, task, EXPORTED, "onnx",
+        fp32 = run.stage(f"{exported.step} {task.name} {EXPORTED}", exported.doing, task, exported, "onnx",
                          _key("export", source_sha256(source), task.name, OPSET, init_missing_head,
                               sha256_file(vocab) if vocab else None), make_fp32)
         config = MegatronBertConfig.from_hf_dict(run.manifest.config)
@@ -124,10 +131,10 @@ class _Run:
         self.manifest, self.result, self.log, self.busy = manifest, result, log, busy
         self.total = 0  # stages this build runs (for "step 2/4")
 
-    def stage(self, name: str, doing: str, task: Task, precision: str, kind: str, key: str,
+    def stage(self, name: str, doing: str, task: Task, precision: Precision, kind: str, key: str,
               make: Callable[[Path], dict], upstream: Artifact | None = None) -> Artifact:
-        path = self.manifest.root / task.name / get_precision(precision).file_name(kind)
-        for artifact in self.manifest.find(task.name, precision, kind):
+        path = self.manifest.root / task.name / precision.file_name(kind)
+        for artifact in self.manifest.find(task.name, precision.name, kind, precision.runtime):
             if artifact.details.get("cache_key") == key and self.manifest.verify(artifact) is None:
                 for note in artifact.details.get("warnings", []):  # what this stage said when it ran
                     warnings.warn(note, stacklevel=2)
@@ -141,8 +148,8 @@ class _Run:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         notes = [str(w.message) for w in caught if own_warning(w.filename)]
         made_from = {"made_from": {"path": upstream.path, "sha256": upstream.sha256}} if upstream else {}
-        artifact = self.manifest.record(task, precision, kind, path, **details, **made_from, cache_key=key,
-                                        **({"warnings": notes} if notes else {}))
+        artifact = self.manifest.record(task, precision.name, kind, path, runtime=precision.runtime, **details,
+                                        **made_from, cache_key=key, **({"warnings": notes} if notes else {}))
         self._drop_stale()
         self.manifest.save()
         self.note(name, f"built in {time.perf_counter() - start:.1f} s")
@@ -172,18 +179,19 @@ class _Run:
 def _precision(run: _Run, task: Task, config: MegatronBertConfig, fp32: Artifact, recipe: Recipe,
                vocab: Path | None) -> Artifact:
     """The recipe's precision made from the fp32 export by its registry transform, calibrated where it needs it."""
-    precision, fp32_path = get_precision(recipe.precision), run.manifest.path_of(fp32)
-    name = f"{precision.step} {task.name} {precision.name}"
+    precision, fp32_path = get_precision(recipe.precision, recipe.runtime), run.manifest.path_of(fp32)
+    name = f"{precision.step} {task.name} {precision.label}"
     if not precision.calibrated:
         def make(path: Path) -> dict:
             precision.transform(fp32_path, path)
             return {}
 
-        return run.stage(name, precision.doing, task, precision.name, "onnx", _key(precision.name, fp32.sha256),
-                         make, fp32)
+        return run.stage(name, precision.doing, task, precision, "onnx",
+                         _key(precision.name, precision.runtime, fp32.sha256), make, fp32)
     calib = recipe.calibration
     inputs = (sha256_file(calib.text), sha256_file(vocab)) if calib.text is not None else None
-    key = _key(precision.step, precision.name, fp32.sha256, inputs, calib.size, calib.method, calib.sequence)
+    key = _key(precision.step, precision.name, precision.runtime, fp32.sha256, inputs, calib.size, calib.method,
+               calib.sequence)
 
     def make_calibrated(path: Path) -> dict:
         batches = calibration_batches(task, config, text=calib.text, vocab=vocab, size=calib.size,
@@ -194,7 +202,7 @@ def _precision(run: _Run, task: Task, config: MegatronBertConfig, fp32: Artifact
 
     data = f"{calib.size} lines of {calib.text.name}" if calib.text is not None else f"{calib.size} seeded examples"
     doing = f"calibrating on {data} x {calib.sequence} tokens ({calib.method}), {precision.doing}"
-    return run.stage(name, doing, task, precision.name, "onnx", key, make_calibrated, fp32)
+    return run.stage(name, doing, task, precision, "onnx", key, make_calibrated, fp32)
 
 
 def _engine(run: _Run, task: Task, config: MegatronBertConfig, onnx: Artifact, recipe: Recipe) -> Artifact:
@@ -206,7 +214,7 @@ def _engine(run: _Run, task: Task, config: MegatronBertConfig, onnx: Artifact, r
     key = _key("engine", onnx.sha256, [p.as_dict(task) for p in profiles], settings.builder_optimization_level,
                settings.workspace_mib, engine.environment())
     doing = f"building a TensorRT engine ({len(profiles)} profile(s), level {settings.builder_optimization_level})"
-    return run.stage(f"engine {task.name} {onnx.precision}", doing, task, onnx.precision, "engine", key,
+    return run.stage(f"engine {task.name} {onnx.precision}", doing, task, get_precision(onnx.precision), "engine", key,
                      lambda path: engine.build_engine(run.manifest.path_of(onnx), path, task, profiles,
                                                       precision=onnx.precision, settings=settings,
                                                       root=run.manifest.root), onnx)

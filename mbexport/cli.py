@@ -15,7 +15,7 @@ import typer
 from mbexport import terminal
 from mbexport.errors import MbexportError, own_warning
 from mbexport.fsutil import OVERWRITE_FLAG
-from mbexport.precisions import EXPORTED, OPSET, PRECISIONS, made_by
+from mbexport.precisions import DEFAULT_RUNTIME, EXPORTED, NAMES, OPSET, PRECISIONS, RUNTIMES, made_by
 
 # rich_markup_mode=None: help text prints literally, like every other message (terminal.py)
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -321,17 +321,27 @@ BUILD_PRECISION = "fp16"  # build's default without a recipe
 
 
 def _calibrated() -> list[str]:
-    return [p.name for p in PRECISIONS.values() if p.calibrated]
+    return list(dict.fromkeys(p.name for p in PRECISIONS.values() if p.calibrated))
 
 
 def _build_precisions() -> str:
     """build's --precision help, from the precision registry: the names, and the extras some of them need."""
-    needs: dict[str, list[str]] = {}
+    needs: dict[tuple[str, str], list[str]] = {}
     for p in PRECISIONS.values():
         if p.extra:
-            needs.setdefault(p.extra, []).append(p.name)
-    extras = "".join(f"; {' and '.join(names)} need pip install 'mbexport[{extra}]'" for extra, names in needs.items())
-    return f"{', '.join(PRECISIONS)} (default {BUILD_PRECISION}){extras}."
+            needs.setdefault((p.extra, p.runtime), []).append(p.name)
+    extras = "".join(f"; {' and '.join(names)} for {runtime} need pip install 'mbexport[{extra}]'"
+                     for (extra, runtime), names in needs.items())
+    return f"{', '.join(NAMES)} (default {BUILD_PRECISION}){extras}."
+
+
+def _build_runtimes() -> str:
+    """build's --runtime help: the runtimes and what each shapes its files for, from the precision registry."""
+    shaped = {r: ", ".join(p.name for p in PRECISIONS.values() if p.runtime == r) for r in RUNTIMES}
+    return (f"What the files are shaped for: {DEFAULT_RUNTIME} (default; plain ONNX and Q/DQ that TensorRT builds "
+            f"from: {shaped[DEFAULT_RUNTIME]}) or "
+            + ", ".join(f"{r} (its own fused and integer operators, model.PRECISION.{RUNTIMES[r].tag}.onnx: {names})"
+                        for r, names in shaped.items() if r != DEFAULT_RUNTIME) + ".")
 
 
 @app.command("build")
@@ -341,6 +351,7 @@ def build_command(
                                                              "the flags below override its fields."),
     task: str | None = typer.Option(None, "--task", help="Head: qa, mlm, seq-cls, ... (required without --recipe)."),
     precision: str | None = typer.Option(None, "--precision", help=_build_precisions()),
+    runtime: str | None = typer.Option(None, "--runtime", help=_build_runtimes()),
     target: str | None = typer.Option(None, "--target", help="engine (TensorRT) or onnx; default engine when "
                                                              "TensorRT is importable, else onnx."),
     out: str | None = typer.Option(None, "--out", help="Output folder (default artifacts/<checkpoint name>)."),
@@ -368,7 +379,7 @@ def build_command(
         base = Recipe(name="command line", task=task, precision=precision or BUILD_PRECISION)
     else:
         raise MbexportError("give --task (and --precision), or --recipe")
-    plan = base.override(task=task, precision=precision, target=target, out=out,
+    plan = base.override(task=task, precision=precision, runtime=runtime, target=target, out=out,
                          calib_text=Path(calib_text) if calib_text else None, calib_size=calib_size,
                          calib_method=calib_method)
     try:
@@ -379,7 +390,7 @@ def build_command(
         raise
     if result.report is not None:
         console.print(result.report.table())
-    console.print(f"{result.out_dir}: {plan.task} {plan.precision} ({result.target}); "
+    console.print(f"{result.out_dir}: {plan.task} {plan.precision} for {plan.runtime} ({result.target}); "
                   f"{len(result.built) or 'no'} stage(s) rebuilt; report in {result.out_dir / 'validation.md'}",
                   soft_wrap=True)
 
@@ -391,9 +402,9 @@ def recipes_command():
 
     from mbexport.recipes import RECIPES_DIR, load_recipe, shipped_recipes
 
-    table = Table("name", "task", "precision", "description")
+    table = Table("name", "task", "precision", "runtime", "description")
     for path in shipped_recipes():
         recipe = load_recipe(path)
-        table.add_row(recipe.name, recipe.task, recipe.precision, recipe.description)
+        table.add_row(recipe.name, recipe.task, recipe.precision, recipe.runtime, recipe.description)
     console.print(table)
     console.print(f"in {RECIPES_DIR}: copy one, edit it, and pass --recipe FILE", soft_wrap=True)

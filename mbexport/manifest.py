@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from mbexport.config import MegatronBertConfig
 from mbexport.errors import MbexportError, first_line
 from mbexport.fsutil import sha256_file, write_json_atomic
-from mbexport.precisions import PRECISIONS
+from mbexport.precisions import DEFAULT_RUNTIME, NAMES, PRECISIONS, RUNTIMES, label
 from mbexport.tasks import TASKS, Task
 
 MANIFEST = "manifest.json"
@@ -46,10 +46,16 @@ class Artifact:
     sha256: str
     io: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # opset, profiles, TensorRT version, build time, ...
+    runtime: str = DEFAULT_RUNTIME  # what an ONNX file or engine is shaped for (RUNTIMES); "-" for other files
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.task, self.precision, self.kind)
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.task, self.precision, self.runtime, self.kind)
+
+    @property
+    def label(self) -> str:
+        """Its precision, marked with the runtime it is shaped for unless that is the default (``int8-ort``)."""
+        return label(self.precision, self.runtime)
 
 
 @dataclass
@@ -98,8 +104,10 @@ class Manifest:
         self.artifacts.append(artifact)
         return artifact
 
-    def record(self, task: Task, precision: str, kind: str, path: str | Path, **details) -> Artifact:
-        """Hash a finished file and add it; an ONNX model's external data file (> 2 GB models) is hashed too."""
+    def record(self, task: Task, precision: str, kind: str, path: str | Path, *, runtime: str = DEFAULT_RUNTIME,
+               **details) -> Artifact:
+        """Hash a finished file and add it; an ONNX model's external data file (> 2 GB models) is hashed too.
+        ``runtime``: what a model is shaped for (other kinds of file are recorded with "-")."""
         try:
             rel = Path(path).resolve().relative_to(self.root.resolve()).as_posix()
         except ValueError:
@@ -108,12 +116,13 @@ class Manifest:
         if kind == "onnx" and data.is_file():
             details["external_data"] = {"path": data.name, "sha256": sha256_file(data)}
         return self.add(Artifact(task.name, precision, kind, rel, sha256_file(self.root / rel),
-                                 io_spec(task), details))
+                                 io_spec(task), details, runtime if kind in RUNNABLE else "-"))
 
-    def find(self, task: str | None = None, precision: str | None = None, kind: str | None = None) -> list[Artifact]:
+    def find(self, task: str | None = None, precision: str | None = None, kind: str | None = None,
+             runtime: str | None = None) -> list[Artifact]:
         return [a for a in self.artifacts
                 if (task is None or a.task == task) and (precision is None or a.precision == precision)
-                and (kind is None or a.kind == kind)]
+                and (kind is None or a.kind == kind) and (runtime is None or a.runtime == runtime)]
 
     def path_of(self, artifact: Artifact, *, source: Path | None = None) -> Path:
         """The artifact's file, checked to lie inside the folder (after following symbolic links)."""
@@ -193,7 +202,7 @@ def _parse(root: Path, data) -> Manifest:
         where = f"artifacts[{i}]"
         _typed(entry, dict, where)
         missing = [name for name in _ARTIFACT_FIELDS if name not in entry]
-        unknown = [name for name in entry if name not in _ARTIFACT_FIELDS]
+        unknown = [name for name in entry if name not in _ARTIFACT_FIELDS and name != "runtime"]
         if missing or unknown:
             raise _Malformed(f"{where} {'lacks' if missing else 'has unknown field'} '{(missing or unknown)[0]}'")
         for name, kind in _ARTIFACT_FIELDS.items():
@@ -202,8 +211,15 @@ def _parse(root: Path, data) -> Manifest:
             raise _Malformed(f"{where}.task '{entry['task']}' is not a task")
         if entry["kind"] not in KINDS:
             raise _Malformed(f"{where}.kind '{entry['kind']}' is not one of {', '.join(KINDS)}")
-        if entry["precision"] not in (*PRECISIONS, "-"):
-            raise _Malformed(f"{where}.precision {entry['precision']!r} is not one of {', '.join(PRECISIONS)}")
+        if entry["precision"] not in (*NAMES, "-"):
+            raise _Malformed(f"{where}.precision {entry['precision']!r} is not one of {', '.join(NAMES)}")
+        # manifests written before runtimes were recorded hold only TensorRT-shaped models
+        runnable = entry["kind"] in RUNNABLE
+        allowed = tuple(RUNTIMES) if runnable else ("-",)
+        if entry.setdefault("runtime", DEFAULT_RUNTIME if runnable else "-") not in allowed:
+            raise _Malformed(f"{where}.runtime {str(entry['runtime'])[:40]!r} is not one of {', '.join(allowed)}")
+        if runnable and entry["precision"] != "-" and (entry["precision"], entry["runtime"]) not in PRECISIONS:
+            raise _Malformed(f"{where}: no {entry['precision']} file is shaped for {entry['runtime']}")
         if not _SHA256.match(entry["sha256"]):
             raise _Malformed(f"{where}.sha256 is not a sha256 hex digest")
         problem = _relative_problem(entry["path"])
@@ -244,6 +260,7 @@ def _check_details(details: dict, where: str) -> None:
 
 
 KINDS = ("onnx", "engine", "weights", "vocab")
+RUNNABLE = ("onnx", "engine")  # the kinds that are models, shaped for a runtime
 _ARTIFACT_FIELDS = {"task": str, "precision": str, "kind": str, "path": str, "sha256": str, "io": dict,
                     "details": dict}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

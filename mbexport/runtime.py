@@ -1,8 +1,9 @@
 """ONNX Runtime sessions configured the way every stage needs them.
 
-Q/DQ graphs are executed as exact fake-quantization (``session.disable_quant_qdq``): with default
-optimizations ONNX Runtime fuses INT8 Q/DQ into MatMulIntegerToFloat, which on CPUs without VNNI saturates
-and differs from the math TensorRT does, and older releases reject FP8 Q/DQ outright.
+Q/DQ graphs shaped for TensorRT are executed as exact fake-quantization (``session.disable_quant_qdq``): with
+default optimizations ONNX Runtime fuses INT8 Q/DQ into MatMulIntegerToFloat, which on CPUs without VNNI
+saturates and differs from the math TensorRT does, and older releases reject FP8 Q/DQ outright. Files shaped
+for ONNX Runtime run as ONNX Runtime runs them: with its integer kernels.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mbexport.errors import MbexportError, first_line
+from mbexport.precisions import DEFAULT_RUNTIME, RUNTIMES
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -30,12 +32,14 @@ def providers(device: str = "cpu") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def ort_session(path: str | Path, device: str = "cpu", threads: int | None = None):
-    """An InferenceSession for an ONNX file, with exact Q/DQ emulation."""
+def ort_session(path: str | Path, device: str = "cpu", threads: int | None = None, *,
+                shaped_for: str = DEFAULT_RUNTIME):
+    """An InferenceSession for an ONNX file shaped for ``shaped_for`` (its Q/DQ emulated exactly, if TensorRT's)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if RUNTIMES[shaped_for].emulated_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads

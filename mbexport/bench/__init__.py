@@ -23,7 +23,7 @@ from mbexport.errors import MbexportError, first_line
 from mbexport.fsutil import write_json_atomic
 from mbexport.inputs import sample_batch
 from mbexport.manifest import Artifact, Manifest, library_versions
-from mbexport.precisions import EXPORTED, PRECISIONS
+from mbexport.precisions import EXPORTED, NAMES, get_precision
 from mbexport.runtime import ort_session
 from mbexport.tasks import Task, get_task
 
@@ -124,8 +124,8 @@ def _bench_backend(backend: str, manifest: Manifest, task: Task, config: Megatro
     except _Unavailable as reason:
         return [{**base, "status": "skipped", "reason": str(reason)}]
     rows = []
-    for label, precision, device, opener, fits in targets:
-        where = {**base, "artifact": label, "precision": precision, "device": device}
+    for path, precision, label, device, opener, fits in targets:
+        where = {**base, "artifact": path, "precision": precision, "label": label, "device": device}
         with contextlib.ExitStack() as stack:
             try:
                 make_timer = opener(stack)
@@ -166,7 +166,7 @@ class _Unavailable(Exception):
 
 
 def _targets(backend: str, manifest: Manifest, task: Task, has_gpu: bool):
-    """(label, precision, device, opener, fits(batch, sequence)) for everything ``backend`` should time."""
+    """(artifact, precision, its label, device, opener, fits(batch, sequence)) for everything ``backend`` times."""
     def always(batch, sequence):
         return True
 
@@ -175,9 +175,9 @@ def _targets(backend: str, manifest: Manifest, task: Task, has_gpu: bool):
         if not source or not Path(source).exists():
             raise _Unavailable(f"the source checkpoint is not at {source}, so there is no reference to time")
         device = "cuda" if has_gpu and _torch_cuda() else "cpu"
-        precisions = ([p.name for p in PRECISIONS.values() if p.torch_dtype] if device == "cuda"
+        precisions = ([p for p in NAMES if get_precision(p).torch_dtype] if device == "cuda"
                       else [EXPORTED])  # fp16 matmuls on a CPU are no target
-        return [("reference", p, device, _torch_opener(manifest, task, device, p), always) for p in precisions]
+        return [("reference", p, p, device, _torch_opener(manifest, task, device, p), always) for p in precisions]
     if backend in ("ort-cpu", "ort-cuda"):
         device = backend.removeprefix("ort-")
         if device == "cuda" and not _ort_cuda():
@@ -185,13 +185,13 @@ def _targets(backend: str, manifest: Manifest, task: Task, has_gpu: bool):
         artifacts = manifest.find(task=task.name, kind="onnx")
         if not artifacts:
             raise _Unavailable("no ONNX artifact for this task")
-        return [(a.path, a.precision, device, _ort_opener(manifest, a, device), always) for a in artifacts]
+        return [(a.path, a.precision, a.label, device, _ort_opener(manifest, a, device), always) for a in artifacts]
     if not tensorrt_available():  # trt
         raise _Unavailable("TensorRT is not installed (pip install tensorrt-cu12, on a GPU machine)")
     engines = manifest.find(task=task.name, kind="engine")
     if not engines:
         raise _Unavailable("no TensorRT engine in the manifest (mbexport build)")
-    return [(a.path, a.precision, "cuda", _trt_opener(manifest, a), _profile_check(a)) for a in engines]
+    return [(a.path, a.precision, a.label, "cuda", _trt_opener(manifest, a), _profile_check(a)) for a in engines]
 
 
 def _torch_opener(manifest: Manifest, task: Task, device: str, precision: str) -> Opener:
@@ -202,14 +202,14 @@ def _torch_opener(manifest: Manifest, task: Task, device: str, precision: str) -
 
         model = load_reference(manifest, task)
         model.export_form = False  # scaled_dot_product_attention and F.gelu: PyTorch's fast path
-        model.to(device=device, dtype=getattr(torch, PRECISIONS[precision].torch_dtype))
+        model.to(device=device, dtype=getattr(torch, get_precision(precision).torch_dtype))
         return lambda feed: torch_timer(model, feed, device)
     return open_
 
 
 def _ort_opener(manifest: Manifest, artifact: Artifact, device: str) -> Opener:
     def open_(stack):
-        session = ort_session(manifest.path_of(artifact), device)
+        session = ort_session(manifest.path_of(artifact), device, shaped_for=artifact.runtime)
         if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
             raise MbexportError("ONNX Runtime fell back to the CPU: its CUDA provider could not load",
                                 artifact.path)

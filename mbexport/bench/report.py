@@ -39,8 +39,9 @@ def summary(report: dict) -> Group:
 
 
 def _runner(row: dict) -> str:
-    """``ort-cuda fp16``: the backend and the precision (the artifact is ``TASK/model.PRECISION.onnx|plan``)."""
-    return f"{row['backend']} {row['precision']}" if "precision" in row else row["backend"]
+    """``ort-cuda fp16``, ``ort-cpu int8-ort``: the backend and the precision, marked with the runtime the file is
+    shaped for unless that is the default (the artifact is ``TASK/model.PRECISION[.TAG].onnx|plan``)."""
+    return f"{row['backend']} {row.get('label', row['precision'])}" if "precision" in row else row["backend"]
 
 
 def plot(report: dict, path: str | Path) -> bool:

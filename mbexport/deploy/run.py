@@ -98,7 +98,8 @@ def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str
     """The backend and the built artifact it runs (None for the PyTorch reference), exactly as asked.
 
     ``auto`` picks a TensorRT engine when TensorRT is installed, else an ONNX file, at ``precision`` or the
-    backend's preferred built one. Asking for what was not built is an error that names what was."""
+    backend's preferred built one; at one precision, the file shaped for the backend first (``model.int8.ort.onnx``
+    over ``model.int8.onnx`` in ONNX Runtime). Asking for what was not built is an error that names what was."""
     if backend not in ("auto", *BACKENDS):
         raise MbexportError(f"unknown backend '{backend}' (choose auto, {', '.join(BACKENDS)})")
     if backend == "pytorch":
@@ -117,9 +118,10 @@ def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str
         if name == "tensorrt" and not tensorrt_available():
             reasons.append("TensorRT is not installed")
             continue
-        found = {a.precision: a for a in own if a.kind == KINDS[name]}
         preferred = (precision,) if precision else RUNTIMES[name].preference
-        pick = next((found[p] for p in preferred if p in found), None)
+        found = sorted((a for a in own if a.kind == KINDS[name] and a.precision in preferred),
+                       key=lambda a: (preferred.index(a.precision), a.runtime != name))
+        pick = found[0] if found else None
         if pick is not None:
             return name, pick
         reasons.append(f"no {KINDS[name]}{f' {precision}' if precision else ''} artifact (built: {describe(own)})")
@@ -127,10 +129,10 @@ def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str
 
 
 def describe(artifacts: list[Artifact]) -> str:
-    """What was built, grouped by head and kind: ``question-answering fp32, int8 (onnx)``."""
+    """What was built, grouped by head and kind: ``question-answering fp32, int8, int8-ort (onnx)``."""
     groups: dict[tuple[str, str], list[str]] = {}
     for a in artifacts:
-        groups.setdefault((a.task, a.kind), []).append(a.precision)
+        groups.setdefault((a.task, a.kind), []).append(a.label)
     return "; ".join(f"{task} {', '.join(sorted(precisions))} ({kind})"
                      for (task, kind), precisions in sorted(groups.items()))
 
@@ -146,7 +148,7 @@ def _runner(manifest: Manifest, task: Task, backend: str, artifact: Artifact | N
         return trt_runner(path)
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    return OnnxrtRunner(lambda: ort_session(path, device))
+    return OnnxrtRunner(lambda: ort_session(path, device, shaped_for=artifact.runtime))
 
 
 def summary(answer: dict) -> str:

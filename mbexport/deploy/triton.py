@@ -1,13 +1,15 @@
 """``mbexport triton``: a Triton model repository that starts as is, with text in and answers out.
 
 For each deployed head and precision ``<task>-<precision>`` it writes the inference model (the TensorRT
-engine, or the ONNX file when no engine was built) and, for heads that take text, a Python tokenizer, a Python
-postprocessor and an ensemble ``<task>-<precision>-text`` wiring the three. The Python models are
-``serving.py`` itself (numpy and ``tokenizers`` only), the code ``mbexport run`` answers with. Names, dtypes
-and ranks come from the artifact itself (the ONNX graph's IO) and the task registry; batch and sequence limits
-from the engine's optimization profiles. By default a head deploys what its builds were asked for (``build``
-marks it), not the fp32 export they started from. The repository is written in a temporary folder, given the
-modes the user's umask gives new files (a server running as another user must read it), and renamed into place.
+engine, or the ONNX file when no engine was built; a file shaped for ONNX Runtime is ``<task>-<precision>-ort``,
+which Triton's ONNX Runtime backend runs on the kernels validation ran it on) and, for heads that take text, a
+Python tokenizer, a Python postprocessor and an ensemble ``<task>-<precision>-text`` wiring the three. The
+Python models are ``serving.py`` itself (numpy and ``tokenizers`` only), the code ``mbexport run`` answers
+with. Names, dtypes and ranks come from the artifact itself (the ONNX graph's IO) and the task registry; batch
+and sequence limits from the engine's optimization profiles. By default a head deploys what its builds were
+asked for (``build`` marks it), not the fp32 export they started from. The repository is written in a
+temporary folder, given the modes the user's umask gives new files (a server running as another user must
+read it), and renamed into place.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def _umask() -> int:
 
 
 def _heads(manifest: Manifest, tasks: list[str] | None, precisions: list[str] | None) -> list[tuple[Task, Artifact]]:
-    """One (task, artifact) per deployed head and precision: the engine when there is one, else the ONNX file.
+    """One (task, artifact) per deployed head, precision and the runtime its file is shaped for: the engine when
+    there is one, else the ONNX file.
 
     Without ``precisions``, a head deploys the artifacts its builds were asked for, or everything it has when
     none was (a folder that was only exported)."""
@@ -93,14 +96,14 @@ def _heads(manifest: Manifest, tasks: list[str] | None, precisions: list[str] | 
     else:
         requested = {a.task for a in built if a.details.get(REQUESTED)}
         selected = [a for a in built if a.task not in requested or a.details.get(REQUESTED)]
-    chosen: dict[tuple[str, str], Artifact] = {}
-    for artifact in selected:  # engines (listed last) replace ONNX files of the same head and precision
-        chosen[(artifact.task, artifact.precision)] = artifact
+    chosen: dict[tuple[str, str, str], Artifact] = {}
+    for artifact in selected:  # engines (listed last) replace the ONNX files they were built from
+        chosen[(artifact.task, artifact.precision, artifact.runtime)] = artifact
     if not chosen:
         raise MbexportError(f"no ONNX model or engine matches --task/--precision (built: "
                             f"{describe(manifest.find(kind='onnx') + manifest.find(kind='engine')) or 'nothing'})",
                             manifest.root)
-    return [(get_task(task), chosen[(task, precision)]) for task, precision in sorted(chosen)]
+    return [(get_task(key[0]), chosen[key]) for key in sorted(chosen)]
 
 
 class _Head:
@@ -109,7 +112,7 @@ class _Head:
     def __init__(self, manifest: Manifest, config: MegatronBertConfig, task: Task, artifact: Artifact,
                  max_batch: int | None, instances: int, device: str):
         self.manifest, self.config, self.task, self.artifact = manifest, config, task, artifact
-        self.name = f"{task.name}-{artifact.precision}"
+        self.name = f"{task.name}-{artifact.label}"
         self.instances = instances
         self.engine = artifact.kind == "engine"
         self.kind = "KIND_GPU" if self.engine else DEVICES[device]
@@ -217,7 +220,8 @@ class _Head:
 
     def _dtypes(self) -> dict[str, str]:
         """IO dtypes as the model really has them: from the ONNX graph (an engine's own ONNX), else the registry."""
-        onnx_artifacts = self.manifest.find(task=self.task.name, precision=self.artifact.precision, kind="onnx")
+        onnx_artifacts = self.manifest.find(task=self.task.name, precision=self.artifact.precision, kind="onnx",
+                                            runtime=self.artifact.runtime)
         declared = {t.name: t.dtype for t in (*self.task.inputs, *self.task.outputs)}
         if not onnx_artifacts:
             return declared

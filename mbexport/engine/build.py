@@ -18,7 +18,7 @@ from pathlib import Path
 from mbexport.engine.profiles import Profile
 from mbexport.errors import MbexportError, MissingDependencyError, first_line
 from mbexport.fsutil import atomic_file
-from mbexport.precisions import PRECISIONS, get_precision
+from mbexport.precisions import DEFAULT_RUNTIME, PRECISIONS, get_precision
 from mbexport.tasks import Task
 
 
@@ -136,7 +136,8 @@ def check_gpu(precision: str, gpu: dict[str, str], *, source=None) -> None:
         return
     have = tuple(int(x) for x in gpu["compute_capability"].split("."))
     if have < needed:
-        fits = [p.name for p in PRECISIONS.values() if p.min_capability is None or p.min_capability <= have]
+        fits = [p.name for p in PRECISIONS.values()
+                if p.runtime == DEFAULT_RUNTIME and (p.min_capability is None or p.min_capability <= have)]
         raise MbexportError(f"{precision.upper()} engines need compute capability {needed[0]}.{needed[1]}+; "
                             f"{gpu['gpu']} is {gpu['compute_capability']}: build {', '.join(fits)} instead", source)
 

@@ -13,7 +13,7 @@ from mbexport.export.fp32 import export_onnx
 from mbexport.fsutil import atomic_file, sha256_file
 from mbexport.manifest import MANIFEST, Manifest
 from mbexport.model import build_reference
-from mbexport.precisions import EXPORTED, OPSET, PRECISIONS, get_precision, made_by
+from mbexport.precisions import EXPORTED, OPSET, get_precision, made_by
 from mbexport.tasks import Task, get_task
 
 SEEDED_HEAD = "seeded-head.safetensors"
@@ -46,7 +46,7 @@ def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisi
     del checkpoint  # the model holds (fp32) or converted (fp16) the weights; nothing else needs the rest
     folder = out_dir / task.name
     previous = {a.sha256 for a in manifest.find(task.name, EXPORTED, "onnx")}
-    fp32 = export_onnx(model, folder / PRECISIONS[EXPORTED].file_name("onnx"), opset=opset)
+    fp32 = export_onnx(model, folder / get_precision(EXPORTED).file_name("onnx"), opset=opset)
     if manifest.record(task, EXPORTED, "onnx", fp32, opset=opset).sha256 not in previous:
         # other precisions' files and engines made from an earlier, different fp32 no longer match the reference
         manifest.artifacts = [a for a in manifest.artifacts if not (

@@ -1,10 +1,10 @@
 """Build recipes: named, versioned TOML files that say what ``mbexport build`` makes.
 
-A recipe fixes everything about a build except the checkpoint: task, precision, target, optimization
-profiles, calibration, validation tolerances and the output folder. The shipped ones are package data in
-this folder (``mbexport recipes`` lists them and says where it is); users copy one and edit it; command-line
-flags override single fields. Unknown fields are errors, so a typo never silently
-falls back to a default.
+A recipe fixes everything about a build except the checkpoint: task, precision, the runtime its files are
+shaped for, target, optimization profiles, calibration, validation tolerances and the output folder. The
+shipped ones are package data in this folder (``mbexport recipes`` lists them and says where it is); users copy
+one and edit it; command-line flags override single fields. Unknown fields are errors, so a typo never
+silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mbexport.engine import EngineSettings, Profile, check_profiles, make_profile
 from mbexport.errors import MbexportError
-from mbexport.precisions import CALIBRATION_METHODS, get_precision
+from mbexport.precisions import CALIBRATION_METHODS, DEFAULT_RUNTIME, get_precision, get_runtime
 from mbexport.tasks import get_task
 
 if sys.version_info >= (3, 11):
@@ -47,7 +47,8 @@ class Recipe:
     task: str  # canonical task name
     precision: str
     description: str = ""
-    target: str | None = None  # None: engine when TensorRT is importable, else onnx
+    runtime: str = DEFAULT_RUNTIME  # what its files are shaped for (mbexport.precisions.RUNTIMES)
+    target: str | None = None  # None: engine when TensorRT is importable (and the files are for it), else onnx
     profiles: tuple[Profile, ...] | None = None  # None: derived from the model's position limit
     calibration: Calibration = Calibration()
     engine: EngineSettings = EngineSettings(timing_cache="timing.cache")  # cache path relative to the output
@@ -61,8 +62,10 @@ class Recipe:
         plain = {k: v for k, v in fields.items() if not k.startswith("calib_") and v is not None}
         if "task" in plain:
             plain["task"] = get_task(plain["task"]).name
+        if "runtime" in plain:
+            plain["runtime"] = get_runtime(plain["runtime"]).name
         if "precision" in plain:
-            plain["precision"] = get_precision(plain["precision"]).name
+            plain["precision"] = get_precision(plain["precision"], plain.get("runtime", self.runtime)).name
         recipe = dataclasses.replace(self, calibration=dataclasses.replace(self.calibration, **calibration), **plain)
         recipe.check()  # the recipe's own values were checked when it was read: a bad value came from a flag
         return recipe
@@ -84,7 +87,7 @@ class Recipe:
 
     def check(self, source: Path | None = None) -> None:
         try:
-            get_precision(self.precision)
+            get_precision(self.precision, self.runtime)
         except MbexportError as error:
             raise MbexportError(str(error), source) from None
         if self.target is not None and self.target not in TARGETS:
@@ -97,7 +100,8 @@ class Recipe:
 
 
 # field -> type, per TOML table; checked strictly so typos are caught.
-_TOP = {"version": int, "name": str, "description": str, "task": str, "precision": str, "target": str,
+_TOP = {"version": int, "name": str, "description": str, "task": str, "precision": str, "runtime": str,
+        "target": str,
         "profiles": list, "calibration": dict, "engine": dict, "tolerances": dict, "output": dict}
 _CALIBRATION = {"text": str, "size": int, "method": str, "sequence": int}
 _ENGINE = {"builder_optimization_level": int, "workspace_mib": int, "timing_cache": bool}
@@ -143,14 +147,15 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             raise MbexportError("profiles must be one or more [[profiles]] tables", path)
         profiles = tuple(make_profile(p, source=path) for p in data["profiles"])
     try:
-        task, precision = get_task(data["task"]), get_precision(data["precision"])
+        task = get_task(data["task"])
+        precision = get_precision(data["precision"], data.get("runtime", DEFAULT_RUNTIME))
     except MbexportError as error:
         raise MbexportError(str(error), path) from None
     if profiles:
         check_profiles(profiles, task, source=path)
     text = calibration.get("text")
     recipe = Recipe(
-        name=data.get("name", path.stem), task=task.name, precision=precision.name,
+        name=data.get("name", path.stem), task=task.name, precision=precision.name, runtime=precision.runtime,
         description=data.get("description", ""), target=data.get("target"), profiles=profiles,
         calibration=Calibration(text=(path.parent / text) if text else None,
                                 **{k: v for k, v in calibration.items() if k != "text"}),

@@ -15,7 +15,7 @@ import numpy as np
 from mbexport.config import MegatronBertConfig
 from mbexport.errors import MbexportError, ValidationFailed, first_line
 from mbexport.inputs import sample_batch
-from mbexport.manifest import Artifact, Manifest, external_data_name
+from mbexport.manifest import RUNNABLE, Artifact, Manifest, external_data_name
 from mbexport.precisions import get_precision
 from mbexport.runtime import ort_session, providers
 from mbexport.tasks import Task, get_task
@@ -28,7 +28,6 @@ from mbexport.validate.report import ArtifactResult, Report
 # random head cannot decide agreement alone.
 SHAPES = ((1, 16, False), (4, 48, True), (2, 128, False), (16, 32, False))
 NUM_CHOICES = 2
-RUNNABLE = ("onnx", "engine")
 
 
 def validate(out_dir: str | Path, *, device: str = "cpu", tasks=None, precisions=None,
@@ -197,7 +196,7 @@ def _runner(manifest: Manifest, artifact: Artifact, device: str):
         return runner, None
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    return OnnxrtRunner(lambda: ort_session(path, device), name=artifact.path), None
+    return OnnxrtRunner(lambda: ort_session(path, device, shaped_for=artifact.runtime), name=artifact.path), None
 
 
 def _run(runner, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
