@@ -19,6 +19,7 @@ import numpy as np
 
 from mbexport.deploy.serving import MASK
 from mbexport.errors import MbexportError
+from mbexport.precisions import DEFAULT_RUNTIME
 from mbexport.runtime import ort_session
 from mbexport.tasks import Task, get_task
 from mbexport.text import encode, load_tokenizer
@@ -41,11 +42,12 @@ class Score:
 
 def accuracy(model: str | Path | Callable[[dict[str, np.ndarray]], np.ndarray], task: str | Task,
              vocab: str | Path, texts: list[str], labels: list[int] | None = None, *, sequence: int = 128,
-             batch: int = 32) -> Score:
+             batch: int = 32, shaped_for: str = DEFAULT_RUNTIME) -> Score:
     """Masked-LM top-1 (over the masked tokens) or classification accuracy (against ``labels``).
 
-    ``model`` is an ONNX file (run with ONNX Runtime on the CPU, exact Q/DQ) or a function from a feed dict
-    to the task's first output. Each text is encoded as ``[CLS] text [SEP]``, truncated to ``sequence``.
+    ``model`` is an ONNX file (run with ONNX Runtime on the CPU as a file shaped for ``shaped_for`` runs: exact
+    Q/DQ for TensorRT's, integer kernels for ONNX Runtime's) or a function from a feed dict to the task's first
+    output. Each text is encoded as ``[CLS] text [SEP]``, truncated to ``sequence``.
     """
     task = get_task(task) if isinstance(task, str) else task
     if task.name not in ("masked-lm", "sequence-classification"):
@@ -60,7 +62,7 @@ def accuracy(model: str | Path | Callable[[dict[str, np.ndarray]], np.ndarray], 
     masked = (positions >= 1) & (positions < lengths[:, None] - 1) & (positions % MASK_EVERY == MASK_AT)
     if task.name == "masked-lm":
         feed["input_ids"] = np.where(masked, tokenizer.token_to_id(MASK), targets)
-    run = _onnx_runner(model) if isinstance(model, (str, Path)) else model
+    run = _onnx_runner(model, shaped_for) if isinstance(model, (str, Path)) else model
     order = np.argsort(lengths, kind="stable")
     correct = 0
     for start in range(0, len(order), batch):
@@ -75,6 +77,6 @@ def accuracy(model: str | Path | Callable[[dict[str, np.ndarray]], np.ndarray], 
     return Score(correct, int(masked.sum()) if task.name == "masked-lm" else len(texts))
 
 
-def _onnx_runner(path: str | Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    session = ort_session(path)
+def _onnx_runner(path: str | Path, shaped_for: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    session = ort_session(path, shaped_for=shaped_for)
     return lambda feed: session.run(None, feed)[0]

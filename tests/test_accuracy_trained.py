@@ -1,10 +1,12 @@
-"""Accuracy on a trained model: fp16, int8 and fp8 keep at least 99% of fp32's dev accuracy (MLPerf's bar).
+"""Accuracy on a trained model: fp16, int8 and fp8, and the files shaped for ONNX Runtime (fp32, fp16 and int8 on
+its integer kernels), keep at least 99% of fp32's dev accuracy (MLPerf's bar).
 
 Random weights hide quantization damage; ``../shared/fixtures/tiny-trained`` is a small trained Megatron-BERT
 (an NGC zip with its masked-LM head, a fine-tuned classifier folder) with calibration text, a dev split and
 the fp32 figures with their protocol (its README). Each artifact goes through the real stages: load_checkpoint,
-build_reference, export_onnx, then convert_fp16 or quantize_onnx calibrated on the fixture's text, and is run
-in ONNX Runtime on the CPU (exact Q/DQ). Every 8th dev line is used, to keep the suite fast.
+build_reference, export_onnx, then its precision's registry transform (quantized ones calibrated on the
+fixture's text), and is run in ONNX Runtime on the CPU as its runtime runs it (exact Q/DQ for TensorRT's files,
+integer kernels for ONNX Runtime's). Every 8th dev line is used, to keep the suite fast.
 """
 
 from pathlib import Path
@@ -14,9 +16,10 @@ import pytest
 
 from accuracy_protocol import accuracy  # tests/accuracy_protocol.py: the fixture README's protocol
 from mbexport.checkpoint import load_checkpoint
-from mbexport.export import convert_fp16, export_onnx
+from mbexport.export import export_onnx
 from mbexport.model import build_reference
-from mbexport.quantize import calibration_batches, quantize_onnx
+from mbexport.precisions import EXPORTED, PRECISIONS, get_precision
+from mbexport.quantize import calibration_batches
 from mbexport.text import read_lines
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tiny-trained"
@@ -35,23 +38,26 @@ def dev(every=1):
 
 @pytest.fixture(scope="module", params=list(SOURCES))
 def scores(request, tmp_path_factory):
-    """{precision: Score} for one task, every artifact built from the fixture by the real stages."""
+    """{precision label: Score} for one task, every artifact built from the fixture by the real stages."""
     task = request.param
     checkpoint = load_checkpoint(FIXTURE / SOURCES[task])
     model, seeded = build_reference(task, checkpoint.config, checkpoint.state_dict)
     assert not seeded
     folder = tmp_path_factory.mktemp(task)
-    paths = {"fp32": export_onnx(model, folder / "model.fp32.onnx")}
-    paths["fp16"] = convert_fp16(paths["fp32"], folder / "model.fp16.onnx")
-    if _has_modelopt():
-        batches = calibration_batches(task, checkpoint.config, text=FIXTURE / "calib.txt",
-                                      vocab=FIXTURE / "vocab.txt", size=CALIBRATION)
-        for mode in ("int8", "fp8"):
-            paths[mode] = quantize_onnx(paths["fp32"], folder / f"model.{mode}.onnx", mode=mode, calibration=batches)
+    fp32 = export_onnx(model, folder / "model.fp32.onnx")
+    batches = calibration_batches(task, checkpoint.config, text=FIXTURE / "calib.txt", vocab=FIXTURE / "vocab.txt",
+                                  size=CALIBRATION)
+    paths = {EXPORTED: (fp32, get_precision(EXPORTED))}
+    for precision in PRECISIONS.values():
+        if precision.transform is None or (precision.extra == "quant" and not _has_modelopt()):
+            continue
+        calibrated = {"mode": precision.name, "calibration": batches} if precision.calibrated else {}
+        paths[precision.label] = (precision.transform(fp32, folder / precision.file_name("onnx"), **calibrated),
+                                  precision)
     texts, labels = dev(EVERY)
-    return task, {precision: accuracy(path, task, FIXTURE / "vocab.txt", texts,
-                                      None if task == "masked-lm" else labels)
-                  for precision, path in paths.items()}
+    return task, {name: accuracy(path, task, FIXTURE / "vocab.txt", texts, None if task == "masked-lm" else labels,
+                                 shaped_for=precision.runtime)
+                  for name, (path, precision) in paths.items()}
 
 
 def _has_modelopt():
@@ -76,7 +82,7 @@ def test_fp32_onnx_reproduces_the_readme_figure(scores):
     assert abs(by_precision["fp32"].value - README_FP32[task][0]) < 0.015, by_precision["fp32"]
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8", "fp8"])
+@pytest.mark.parametrize("precision", [p.label for p in PRECISIONS.values() if p.transform is not None])
 def test_precision_keeps_99_percent_of_fp32_accuracy(scores, precision):
     task, by_precision = scores
     if precision not in by_precision:

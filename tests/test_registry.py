@@ -18,7 +18,7 @@ from mbexport.errors import MbexportError  # noqa: E402
 from mbexport.export import export  # noqa: E402
 from mbexport.inputs import sample_batch  # noqa: E402
 from mbexport.model import MegatronBert  # noqa: E402
-from mbexport.precisions import EXPORTED, PRECISIONS, RUNTIMES  # noqa: E402
+from mbexport.precisions import DEFAULT_RUNTIME, EXPORTED, NAMES, PRECISIONS, RUNTIMES  # noqa: E402
 from mbexport.quantize import quantize_onnx  # noqa: E402
 from mbexport.recipes import Recipe  # noqa: E402
 from mbexport.tasks import TASKS, Agreement, HeadModule, Task, TensorSpec, heads_in  # noqa: E402
@@ -91,16 +91,18 @@ def test_a_new_head_is_one_entry():
 
 
 # ---- every precision through every stage -----------------------------------------------------------------------------
-@pytest.mark.parametrize("precision", PRECISIONS.values(), ids=list(PRECISIONS))
+@pytest.mark.parametrize("precision", PRECISIONS.values(), ids=[p.label for p in PRECISIONS.values()])
 def test_every_precision_is_handled_by_every_stage(precision, tmp_path):
-    name = precision.name
+    name, tag = precision.name, RUNTIMES[precision.runtime].tag
     for kind in ("onnx", "engine"):
         assert set(tolerances_for(name, kind)) == {"atol", "rtol", "cosine", "agreement"}
-    assert precision.file_name("onnx") == f"model.{name}.onnx" and precision.file_name("engine") == f"model.{name}.plan"
-    assert (precision.transform is None) == (name == EXPORTED)
+    shaped = f"model.{name}.{tag}." if tag else f"model.{name}."
+    assert precision.file_name("onnx") == f"{shaped}onnx" and precision.file_name("engine") == f"{shaped}plan"
+    assert len({p.file_name("onnx") for p in PRECISIONS.values()}) == len(PRECISIONS)  # no two files collide
+    assert (precision.transform is None) == ((name, precision.runtime) == (EXPORTED, DEFAULT_RUNTIME))
     assert precision.transform is None or callable(precision.transform.load())
-    Recipe(name="r", task="qa", precision=name.upper()).override(precision=name).check()
-    assert all(sorted(runtime.preference) == sorted(PRECISIONS) for runtime in RUNTIMES.values())
+    Recipe(name="r", task="qa", precision=name.upper(), runtime=precision.runtime).override(precision=name).check()
+    assert all(sorted(runtime.preference) == sorted(NAMES) for runtime in RUNTIMES.values())
     assert (dense_peak("NVIDIA H100 80GB HBM3", name) is None) == (precision.math is None)
     assert precision.torch_dtype is None or isinstance(getattr(torch, precision.torch_dtype), torch.dtype)
     check_gpu(name, {"gpu": "NVIDIA H100", "compute_capability": "9.0"})
@@ -114,6 +116,10 @@ def test_every_precision_is_handled_by_every_stage(precision, tmp_path):
     with pytest.raises(MbexportError, match="ONNX file not found" if precision.stage == "quantize" else "cannot"):
         quantize_onnx(tmp_path / "model.fp32.onnx", tmp_path / precision.file_name("onnx"), mode=name,
                       calibration=[{}])
+    if precision.runtime != DEFAULT_RUNTIME:  # its own transform
+        calibrated = {"mode": name, "calibration": [{}], "method": "max"} if precision.calibrated else {}
+        with pytest.raises(MbexportError, match="ONNX file not found"):
+            precision.transform(tmp_path / "model.fp32.onnx", tmp_path / precision.file_name("onnx"), **calibrated)
 
 
 # ---- unknown names: one line, exit 2, from every command -------------------------------------------------------------

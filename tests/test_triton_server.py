@@ -6,8 +6,9 @@ without harm; concurrent load is answered in full, and the dynamic batcher forms
 
 The server (tritonserver 2.51.0 from the nvidia-pytriton wheel with ../shared/triton's ONNX Runtime backend,
 assembled by tests/tritonserver.py) serves repositories written with the defaults from real ``build`` outputs:
-the built-in example (QA built for fp16, int8 and fp8; masked-LM, classification, NSP and NER for fp32) and the
-trained fixture's classifier (int8, calibrated on its text). Instance kinds are the default KIND_AUTO, which a
+the built-in example (QA built for fp16, int8 and fp8; masked-LM, classification, NSP and NER for fp32), its QA
+head built in int8 for ONNX Runtime (integer kernels, in a folder of its own) and the trained fixture's
+classifier (int8, calibrated on its text). Instance kinds are the default KIND_AUTO, which a
 CPU-only server resolves to the CPU.
 """
 
@@ -28,6 +29,7 @@ from mbexport.deploy.run import answer, sequence_length, text_pipeline
 from mbexport.deploy.triton import write_repository
 from mbexport.manifest import Manifest
 from mbexport.build import build
+from mbexport.precisions import DEFAULT_RUNTIME, ONNXRUNTIME, label
 from mbexport.recipes import Calibration, Recipe
 from mbexport.runtime import ort_session
 from mbexport.tasks import get_task
@@ -43,6 +45,7 @@ QA = "question-answering"
 EXAMPLE_BUILDS = [(QA, "fp16"), (QA, "int8"), (QA, "fp8"), ("masked-lm", "fp32"), ("sequence-classification", "fp32"),
                   ("next-sentence", "fp32"), ("token-classification", "fp32")]
 TRAINED_BUILD = ("sequence-classification", "int8")
+ORT_BUILD = (QA, "int8")  # shaped for ONNX Runtime: its own folder, so `mbexport run --precision int8` means it
 CONTEXT = "the city is a place where many people work and the house is a home for a family."
 EXAMPLE_TEXTS = {
     QA: [{"question": "where do people work?", "context": CONTEXT},
@@ -64,11 +67,21 @@ LOAD_CLIENTS, LOAD_REQUESTS = 16, 25  # 400 requests
 
 def _builds() -> list[tuple[str, str, str]]:
     """(output, task, precision) of every build served; the trained one where the fixture is here."""
-    return [("example", *b) for b in EXAMPLE_BUILDS] + ([("trained", *TRAINED_BUILD)] if TRAINED.is_dir() else [])
+    return ([("example", *b) for b in EXAMPLE_BUILDS] + [("ort", *ORT_BUILD)]
+            + ([("trained", *TRAINED_BUILD)] if TRAINED.is_dir() else []))
+
+
+def runtime_of(output: str) -> str:
+    return ONNXRUNTIME if output == "ort" else DEFAULT_RUNTIME
+
+
+def model_name(output: str, task: str, precision: str) -> str:
+    """The inference model a build serves: ``question-answering-int8``, ``question-answering-int8-ort``."""
+    return f"{task}-{label(precision, runtime_of(output))}"
 
 
 def texts_for(output: str, task: str) -> list[dict]:
-    if output == "example":
+    if output in ("example", "ort"):
         return EXAMPLE_TEXTS[task]
     lines = (TRAINED / "dev.txt").read_text(encoding="utf-8").splitlines()
     return [{"text": line, "text_pair": ""} for line in lines[:3]]  # long paragraphs: truncated alike on both sides
@@ -84,6 +97,10 @@ def served(tmp_path_factory):
         build(checkpoint, Recipe(name="test", task=task, precision=precision, target="onnx",
                                  calibration=Calibration(size=8, sequence=32)),
               out_dir=outputs["example"], vocab=vocab, init_missing_head=0)
+    outputs["ort"] = base / "ort"
+    build(checkpoint, Recipe(name="test", task=ORT_BUILD[0], precision=ORT_BUILD[1], runtime=ONNXRUNTIME,
+                             calibration=Calibration(size=8, sequence=32)),
+          out_dir=outputs["ort"], vocab=vocab, init_missing_head=0)
     if TRAINED.is_dir():
         outputs["trained"] = base / "trained"
         task, precision = TRAINED_BUILD
@@ -91,7 +108,7 @@ def served(tmp_path_factory):
                                             calibration=Calibration(text=TRAINED / "calib.txt", size=16, sequence=64)),
               out_dir=outputs["trained"], vocab=TRAINED / "vocab.txt")
     # The trained model's warm-up at the default max batch (32 x 384 tokens) alone would take ~10 s to load here.
-    max_batch = {"example": None, "trained": 8}
+    max_batch = {"example": None, "ort": None, "trained": 8}
     repos = {name: (base / f"{name}-repo", write_repository(out, base / f"{name}-repo", max_batch=max_batch[name]))
              for name, out in outputs.items()}
     return outputs, repos
@@ -167,6 +184,7 @@ def test_every_model_is_ready(served, clients):
     # What the builds were for: QA's precisions and the fp32 heads, not QA's fp32 export.
     inference = {name for name in repos["example"][1] if role(name) == ""}
     assert inference == {f"{task}-{precision}" for task, precision in EXAMPLE_BUILDS}
+    assert {name for name in repos["ort"][1] if role(name) == ""} == {model_name("ort", *ORT_BUILD)}
     for name in expected:
         assert http.is_model_ready(name)
         config = http.get_model_config(name)
@@ -186,33 +204,34 @@ def test_ensemble_answers_like_mbexport_run(served, clients, protocol, output, t
     outputs, _ = served
     rows = texts_for(output, task)
     expected = [local_answer(outputs[output], task, precision, row) for row in rows]
-    client, ensemble = clients[protocol], f"{task}-{precision}-text"
+    client, ensemble = clients[protocol], f"{model_name(output, task, precision)}-text"
     same(ask(client, protocol, ensemble, rows[:1]), expected[:1])
     same(ask(client, protocol, ensemble, rows), expected)  # one request, a batch of rows
 
 
 @pytest.mark.parametrize("output, task, precision", _builds(), ids=lambda v: v if isinstance(v, str) else None)
 def test_raw_model_computes_what_onnxruntime_computes(served, clients, output, task, precision):
-    """The inference model alone, on pre-tokenized input: fp32 bit for bit; the others as close as
-    ONNX Runtime's own session options make them (Triton's backend fuses Q/DQ, the exact emulation does not)."""
+    """The inference model alone, on pre-tokenized input: fp32 and the files shaped for ONNX Runtime bit for bit
+    (its integer kernels in Triton as in-process); the others as close as ONNX Runtime's own session options make
+    them (Triton's backend fuses Q/DQ, the exact emulation does not)."""
     outputs, repos = served
     manifest = Manifest.load(outputs[output])
     spec = get_task(task)
     config = MegatronBertConfig.from_hf_dict(manifest.config)
     pipeline, _ = text_pipeline(manifest, spec, max_length=sequence_length(config, None))
     feed = pipeline.encode({k: [row[k] for row in texts_for(output, task)] for k in texts_for(output, task)[0]})
-    name = f"{task}-{precision}"
+    name = model_name(output, task, precision)
     inputs = []
     for key in spec.input_names:
         tensor = httpclient.InferInput(key, list(feed[key].shape), "INT64")
         tensor.set_data_from_numpy(feed[key])
         inputs.append(tensor)
     result = clients["http"].infer(name, inputs)
-    session = ort_session(repos[output][0] / name / "1" / "model.onnx")
+    session = ort_session(repos[output][0] / name / "1" / "model.onnx", shaped_for=runtime_of(output))
     for key, value in zip(spec.output_names, session.run(spec.output_names, feed)):
         served_value = result.as_numpy(key)
         assert served_value.dtype == value.dtype and served_value.shape == value.shape
-        if precision == "fp32":
+        if precision == "fp32" or runtime_of(output) == ONNXRUNTIME:
             np.testing.assert_array_equal(served_value, value)
         else:
             np.testing.assert_allclose(served_value, value, rtol=0.05, atol=0.05 * np.abs(value).max())
