@@ -152,7 +152,7 @@ def example_command(
     """Write the built-in example: a tiny random Megatron-BERT as an NGC-layout zip, and its vocab.txt."""
     from pathlib import Path
 
-    from mbexport.checkpoint.synthetic import make_example
+    from mbexport.checkpoint.example import make_example
     from mbexport.fsutil import atomic_dir
 
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -59,7 +59,7 @@ def test_measure_and_percentiles():
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    from mbexport.checkpoint.synthetic import make_example
+    from mbexport.checkpoint.example import make_example
     from mbexport.export import export
 
     work = tmp_path_factory.mktemp("bench")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mbexport.checkpoint.synthetic import make_example
+from mbexport.checkpoint.example import make_example
 from mbexport.errors import MbexportError, MissingDependencyError, ValidationFailed
 from mbexport.manifest import Manifest
 from mbexport.build import build

@@ -8,7 +8,8 @@ import zipfile
 import pytest
 import torch
 
-from mbexport.checkpoint.synthetic import make_example, megatron_shards, write_megatron, write_ngc_zip, write_torch_dist
+from checkpoints import megatron_shards, write_megatron, write_torch_dist
+from mbexport.checkpoint.example import make_example, write_ngc_zip
 
 
 class Evil:

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from mbexport.checkpoint.synthetic import example_config, make_example
+from mbexport.checkpoint.example import example_config, make_example
 from mbexport.errors import MbexportError, MissingDependencyError
 from mbexport.export import export
 from mbexport.inputs import sample_batch

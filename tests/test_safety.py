@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mbexport.build import build
-from mbexport.checkpoint.synthetic import make_example
+from mbexport.checkpoint.example import make_example
 from mbexport.errors import MbexportError
 from mbexport.fsutil import LOCK, check_output, clean_leftovers, folder_lock
 from mbexport.manifest import Manifest

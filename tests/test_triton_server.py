@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import tritonserver
-from mbexport.checkpoint.synthetic import make_example
+from mbexport.checkpoint.example import make_example
 from mbexport.config import MegatronBertConfig
 from mbexport.deploy.run import answer, sequence_length, text_pipeline
 from mbexport.deploy.triton import write_repository

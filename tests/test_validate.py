@@ -19,7 +19,7 @@ from mbexport.validate.checks import compare
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """An output folder with masked-LM fp32 + fp16 and a seeded question-answering fp32, from the example zip."""
-    from mbexport.checkpoint.synthetic import make_example
+    from mbexport.checkpoint.example import make_example
 
     zip_path, vocab = make_example(tmp_path_factory.mktemp("example"), seed=0)
     out = tmp_path_factory.mktemp("out") / "artifacts"

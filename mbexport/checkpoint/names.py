@@ -2,8 +2,8 @@
 
 Readers rename a checkpoint's keys to *canonical* names (Megatron-LM's 2020 names without the
 ``language_model.{embedding,transformer}.`` prefixes, e.g. ``layers.3.attention.query_key_value.weight``),
-merge tensor-parallel ranks there, then map to Hugging Face MegatronBert names. Writers in
-``synthetic.py`` walk the same tables backwards, so one table serves both directions.
+merge tensor-parallel ranks there, then map to Hugging Face MegatronBert names. The example writer
+(``example.py``) and the tests' writers walk the same tables backwards, so one table serves both directions.
 """
 
 from __future__ import annotations
