@@ -63,7 +63,7 @@ TP_SPLIT_DIM = {
     "mlp.dense_h_to_4h.weight": 0, "mlp.dense_h_to_4h.bias": 0, "lm_head.bias": 0,
     "attention.dense.weight": 1, "mlp.dense_4h_to_h.weight": 1,
 }
-LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+LAYER = re.compile(r"^layers\.([0-9]{1,6})\.(.+)$")
 
 # Hugging Face keys that are not parameters of their own: the decoder is tied to the word embeddings.
 HF_DROPPED = re.compile(r"^cls\.predictions\.decoder\.|(^|\.)position_ids$")
