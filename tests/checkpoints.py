@@ -168,13 +168,21 @@ def mcore_tensors(state_dict: dict, config: MegatronBertConfig, *, te: bool) -> 
     return {mcore_key(n, te): t for n, t in canonical.items()}
 
 
-def _dcp_save(state: dict, folder: Path) -> None:
+def _dcp_save(state: dict, folder: Path, *, prepickled: bool = False) -> None:
+    """``dcp.save`` in this one process. ``prepickled``: bytes items are written as they are, as Megatron-Core's
+    ``MCoreSavePlanner`` does (its ShardedObjects come already ``torch.save``d); dcp's default planner pickles
+    every non-tensor value itself."""
     import torch.distributed.checkpoint as dcp
+
+    class AsIs(dcp.DefaultSavePlanner):
+        def transform_object(self, write_item, object):
+            return object
 
     folder.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), _megatron_importable():
         warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process": it is
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)), planner=AsIs() if prepickled else None,
+                 no_dist=True)
 
 
 def write_torch_dist(out_dir: str | Path, state_dict: dict, config: MegatronBertConfig, *, te: bool = False,
@@ -206,7 +214,7 @@ def write_torch_dist(out_dir: str | Path, state_dict: dict, config: MegatronBert
         common["args"] = megatron_args(config)
     if not common_pt:
         state["common_state/shard_0_1"] = io.BytesIO(pickled([common]))
-    _dcp_save(state, folder)
+    _dcp_save(state, folder, prepickled=True)
     if common_pt:
         save(common, folder / "common.pt")
     backend = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
@@ -229,21 +237,63 @@ def write_integrity(folder: Path) -> None:
 
 
 def write_torch_dcp(out_dir: str | Path, state_dict: dict, config: MegatronBertConfig, *, ckpt_format="torch_dcp",
-                    iteration: int = 100, te: bool = False, mesh=None) -> Path:
+                    iteration: int = 100, te: bool = False, ranks: int = 1) -> Path:
     """Megatron-LM's ``torch_dcp`` / ``fsdp_dtensor`` save (``megatron/training/checkpointing.py``): the whole
-    training state dict through ``torch.distributed.checkpoint.save``, so ``args``, ``checkpoint_version`` and
-    ``iteration`` are pickled bytes items and the model's per-layer tensors sit under ``model.``; a wrapped
-    model adds ``module.`` (Megatron-FSDP). ``mesh``: store the tensors as DTensors sharded over it."""
-    from torch.distributed.tensor import Shard, distribute_tensor
-
+    training state dict through ``torch.distributed.checkpoint.save`` with dcp's default planner, so ``args``,
+    ``checkpoint_version`` and ``iteration`` are pickled bytes items and the model's per-layer tensors sit under
+    ``model.``; Megatron-FSDP's wrapper adds ``module.``. ``ranks`` > 1: each tensor is a DTensor sharded on
+    dim 0 over that many data-parallel ranks, each rank saving its own chunk (``__<rank>_0.distcp``), as FSDP
+    does; the ranks are played one after another in this process on PyTorch's fake process group."""
     tensors = mcore_tensors(state_dict, config, te=te)
     prefix = "module." if ckpt_format == "fsdp_dtensor" else ""
-    model = {f"{prefix}{k}": distribute_tensor(t, mesh, [Shard(0)]) if mesh is not None else t
-             for k, t in tensors.items()}
-    state = {"args": megatron_args(config, ckpt_format=ckpt_format), "checkpoint_version": 3.0,
-             "iteration": iteration, "model": model, "rng_state": [{"np_rng_state": np.random.RandomState(0).get_state()}],
-             "optimizer": {"param_groups": [{"lr": 1e-4}]}}
     folder = Path(out_dir) / f"iter_{iteration:07d}"
-    _dcp_save(state, folder)
+    common = {"args": megatron_args(config, ckpt_format=ckpt_format), "checkpoint_version": 3.0,
+              "iteration": iteration, "rng_state": [{"np_rng_state": np.random.RandomState(0).get_state()}],
+              "optimizer": {"param_groups": [{"lr": 1e-4}]}}
+    if ranks == 1:
+        _dcp_save({**common, "model": {prefix + k: t for k, t in tensors.items()}}, folder)
+    else:
+        _save_ranks(common, {prefix + k: t for k, t in tensors.items()}, folder, ranks)
     (Path(out_dir) / TRACKER).write_text(str(iteration))
     return Path(out_dir)
+
+
+def _save_ranks(common: dict, model: dict, folder: Path, ranks: int) -> None:
+    """Each rank's ``dcp.save`` of its DTensor chunks, then one ``.metadata`` listing every rank's chunks (what
+    dcp's coordinator writes after gathering the ranks' plans)."""
+    import pickle
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    merged = None
+    for rank in range(ranks):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=ranks)
+        try:
+            mesh = init_device_mesh("cpu", (ranks,))
+            shards = {k: DTensor.from_local(t.chunk(ranks)[rank].clone(), mesh, [Shard(0)], run_check=False,
+                                            shape=t.shape, stride=t.stride()) for k, t in model.items()}
+            _dcp_save({**common, "model": shards}, folder / f"rank{rank}")
+        finally:
+            dist.destroy_process_group()
+        data = f"__{rank}_0.distcp"
+        (folder / f"rank{rank}/__0_0.distcp").rename(folder / data)
+        with open(folder / f"rank{rank}/.metadata", "rb") as f:
+            metadata = pickle.load(f)  # written just now by dcp itself
+        for index, info in metadata.storage_data.items():
+            info.relative_path = data
+        if merged is None:
+            merged = metadata
+        else:
+            for key, meta in metadata.state_dict_metadata.items():
+                if hasattr(meta, "chunks"):
+                    merged.state_dict_metadata[key].chunks.extend(meta.chunks)
+            merged.storage_data.update({i: info for i, info in metadata.storage_data.items()
+                                        if hasattr(metadata.state_dict_metadata[i.fqn], "chunks")})
+        for leftover in (folder / f"rank{rank}").iterdir():
+            leftover.unlink()
+        (folder / f"rank{rank}").rmdir()
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(merged, f)
