@@ -145,7 +145,8 @@ def inspect_command(
             value = ", ".join(f"{k}={'unknown' if v is None else v}" for k, v in value.items())
         elif isinstance(value, list):
             value = ", ".join(value)
-        table.add_row(key, "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value))
+        shown = "yes" if value is True else "no" if value is False else "-" if value is None else value
+        table.add_row(key, f"{shown:,}" if isinstance(shown, int) else str(shown))
     console.print(table)
 
 

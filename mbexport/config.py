@@ -27,18 +27,19 @@ LIMITS = {
 def check_count(value, limit: int) -> int:
     """``value`` when it is a whole number from 1 to ``limit``; else ValueError saying what it should be."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-        raise ValueError(f"must be a whole number from 1 to {limit:,}, got {_shown(value)}")
+        raise ValueError(f"must be a whole number from 1 to {limit:,}, got {shown(value)}")
     return value
 
 
 def check_epsilon(value) -> float:
     """A LayerNorm epsilon: a finite number in (0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and 0 < value < 1):
-        raise ValueError(f"must be a number between 0 and 1, got {_shown(value)}")
+        raise ValueError(f"must be a number between 0 and 1, got {shown(value)}")
     return float(value)
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
+    """A value as an error message quotes it: its repr, cut at 40 characters."""
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:37]}..."
 
@@ -65,11 +66,12 @@ class MegatronBertConfig:
         for name, limit in LIMITS.items():
             _named(name, check_count, getattr(self, name), limit)
         _named("layer_norm_eps", check_epsilon, self.layer_norm_eps)
-        if self.pad_token_id != 0:
-            _named("pad_token_id", check_count, self.pad_token_id, self.vocab_size - 1)
-        if not isinstance(self.id2label, dict) or not all(
-                isinstance(k, int) and not isinstance(k, bool) and isinstance(v, str) for k, v in self.id2label.items()):
-            raise ValueError(f"id2label must map label numbers to names, got {_shown(self.id2label)}")
+        if type(self.pad_token_id) is not int or not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be a token id from 0 to {self.vocab_size - 1:,}, got "
+                             f"{shown(self.pad_token_id)}")
+        if not isinstance(self.id2label, dict) or not all(type(k) is int and isinstance(v, str)
+                                                          for k, v in self.id2label.items()):
+            raise ValueError(f"id2label must map label numbers to names, got {shown(self.id2label)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} heads"
@@ -115,7 +117,7 @@ class MegatronBertConfig:
         labels = data.get("id2label") or {}
         if not isinstance(labels, dict) or not all(isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 7
                                                    for k in labels):
-            raise ValueError(f"id2label must map label numbers to names, got {_shown(labels)}")
+            raise ValueError(f"id2label must map label numbers to names, got {shown(labels)}")
         id2label = {int(k): v for k, v in labels.items()}
         return cls(
             vocab_size=data.get("vocab_size", 29056),

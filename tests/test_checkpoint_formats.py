@@ -10,7 +10,9 @@ import io
 import json
 import os
 import pickle
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +280,56 @@ def test_an_untied_output_layer_without_lm_head_is_left_out(bert, tmp_path):
     with pytest.warns(UserWarning, match="apply_lm_head=False"):
         ckpt = load_checkpoint(mcore_file(tmp_path, bert, edit))
     assert "cls.predictions.bias" not in ckpt.state_dict and ckpt.heads == ("model", "next-sentence")
+
+
+# ---- issue 11, class 7: a checkpoint's own vocab is used unless --vocab overrides it ---------------------------------
+@pytest.fixture(scope="module")
+def hf_with_vocab(tmp_path_factory):
+    """The example converted to a Hugging Face folder, which ships vocab.txt and tokenizer files."""
+    from mbexport.checkpoint import save_hf_folder
+    from mbexport.checkpoint.example import make_example
+
+    folder = tmp_path_factory.mktemp("hf")
+    archive, vocab = make_example(folder / "example")
+    save_hf_folder(load_checkpoint(archive), folder / "hf", vocab=vocab)
+    return folder / "hf"
+
+
+def test_build_calibrates_with_the_folders_own_vocab(hf_with_vocab, tmp_path, cli):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the movie was good\nthe book was bad\nwhat a happy day\n")
+    code, _, err = cli("build", hf_with_vocab, "--task", "mlm", "--precision", "int8", "--calib-text", calib,
+                       "--calib-size", 3, "--target", "onnx", "--out", tmp_path / "out")
+    assert code == 0, err
+    assert err.splitlines()[0] == f"vocab: {hf_with_vocab / 'vocab.txt'} (the checkpoint's own; --vocab overrides it)"
+    assert (tmp_path / "out/vocab.txt").read_bytes() == (hf_with_vocab / "vocab.txt").read_bytes()
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    int8 = next(a for a in manifest["artifacts"] if a["precision"] == "int8" and a["kind"] == "onnx")
+    assert int8["details"]["calibration"]["text"] == str(calib)
+
+
+def test_a_tokenizer_json_alone_is_the_vocab(hf_with_vocab, tmp_path, cli):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((hf_with_vocab / name).read_bytes())
+    tokenizer = transformers.BertTokenizerFast(str(hf_with_vocab / "vocab.txt"))
+    tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    temporaries = set(Path(tempfile.gettempdir()).glob("mbexport-vocab-*"))
+    code, _, err = cli("export", folder, "--task", "mlm", "--out", tmp_path / "out")
+    assert code == 0 and err.splitlines()[0] == f"vocab: {folder / 'tokenizer.json'} (the checkpoint's own; --vocab " \
+                                                "overrides it)", err
+    assert (tmp_path / "out/vocab.txt").read_text() == "\n".join(example_vocab()) + "\n"
+    assert set(Path(tempfile.gettempdir()).glob("mbexport-vocab-*")) == temporaries  # the temporary vocab is gone
+
+
+def test_a_tokenizer_json_that_is_not_wordpiece_is_refused(hf_with_vocab, tmp_path, cli):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((hf_with_vocab / name).read_bytes())
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}))
+    code, _, err = cli("convert", folder, "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert err.splitlines()[0] == f"error: {folder / 'tokenizer.json'}: not a WordPiece tokenizer (model type " \
+                                  "'BPE'), which BERT needs; give --vocab"

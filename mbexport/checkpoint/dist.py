@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from mbexport.checkpoint.megatron import (Shard, checkpoint_version, extra_state_bytes, fp8_scaling, read_tracker,
-                                          whole_number, TRACKER)
+from mbexport.checkpoint.megatron import (TRACKER, Shard, checkpoint_version, extra_state_bytes, fp8_scaling,
+                                          read_tracker, whole_number)
 from mbexport.checkpoint.safe_load import dist_metadata, read_json, torch_load
-from mbexport.errors import CheckpointError
+from mbexport.errors import CheckpointError, first_line
 from mbexport.fsutil import sha256_file
 
 METADATA_JSON, DCP_METADATA, COMMON_PT, INTEGRITY = "metadata.json", ".metadata", "common.pt", "integrity.json"
@@ -73,7 +73,7 @@ def read_dcp(folder: Path) -> tuple[Shard, str, dict]:
         tensors = {key: meta for key, meta in tensors.items() if key.startswith("model.")}
     _check_storage(folder, metadata, tensors, raw_keys)
     loaded, raw = _load(folder, metadata, tensors, raw_keys)
-    common, source = _common_state(folder, backend, raw)
+    common, source, where = _common_state(folder, backend, raw)
     ckpt_format = backend or ("fsdp_dtensor" if getattr(common.get("args"), "ckpt_format", None) == "fsdp_dtensor"
                               or any(WRAPPERS.match(k[6:]) for k in loaded) else "torch_dcp")
     flat = {}
@@ -86,7 +86,7 @@ def read_dcp(folder: Path) -> tuple[Shard, str, dict]:
             flat[key] = tensor
     extra = [raw[key] for key in raw if EXTRA_STATE.search(key)]
     extra += [extra_state_bytes(t) for k, t in flat.items() if k.endswith("_extra_state")]
-    version = checkpoint_version(common.get("checkpoint_version", 3.0), folder / (source or DCP_METADATA))
+    version = checkpoint_version(common.get("checkpoint_version", 3.0), where)
     shard = Shard(folder / DCP_METADATA, 0, 0, [flat], common.get("args"), version,
                   whole_number(common.get("iteration")), mcore=True, fp8_scaling=fp8_scaling(extra))
     return shard, FORMATS[ckpt_format], {"ckpt_format": ckpt_format, "args_source": source if "args" in common
@@ -217,26 +217,26 @@ def _load(folder: Path, metadata, tensors: dict, raw_keys: list[str]) -> tuple[d
         try:
             dcp.load(state, storage_reader=CheckedReader(str(folder)), planner=planner, no_dist=True)
         except (Exception, CheckpointException) as error:  # dcp's CheckpointException is a BaseException
-            reason = " ".join(_dcp_reason(error).split())[:300]
-            raise CheckpointError(f"cannot read the torch.distributed.checkpoint data: {reason}", folder) from None
+            raise CheckpointError(f"a data file (*.distcp) holds something that is not a saved tensor or is damaged: "
+                                  f"{_dcp_reason(error)}", folder) from None
     return {key: state[key] for key in tensors}, planner.raw
 
 
 def _dcp_reason(error: BaseException) -> str:
-    """The first underlying failure's message (dcp wraps each rank's exception in a CheckpointException)."""
+    """The first underlying failure, in short (dcp wraps each rank's (exception, traceback) in its own)."""
     failures = getattr(error, "failures", None)
     if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        inner = getattr(inner, "exc", inner)
-        return f"{type(inner).__name__}: {inner}"
-    return str(error) or type(error).__name__
+        error = next(iter(failures.values()))
+        error = error[0] if isinstance(error, tuple) and error else error
+    return f"{type(error).__name__} ({first_line(error, 120)})"
 
 
-def _common_state(folder: Path, backend: str | None, raw: dict[str, bytes]) -> tuple[dict, str | None]:
-    """The common state and where it came from: ``common.pt``, the ``common_state`` object, or bytes items."""
+def _common_state(folder: Path, backend: str | None, raw: dict[str, bytes]) -> tuple[dict, str | None, Path]:
+    """The common state, where it came from (said by ``inspect``) and the path that names it in errors:
+    ``common.pt``, the ``common_state`` object, or (torch_dcp, fsdp_dtensor) bytes items."""
     if not backend:
         common = {key: _unpickle(raw[key], folder / key) for key in COMMON_ITEMS if key in raw}
-        return common, "the DCP payload's args item"
+        return common, "the DCP payload's args item", folder / "checkpoint_version"
     if (folder / COMMON_PT).is_file():
         common, source, where = torch_load(folder / COMMON_PT, folder / COMMON_PT), COMMON_PT, folder / COMMON_PT
     elif COMMON_STATE in raw:
@@ -246,10 +246,10 @@ def _common_state(folder: Path, backend: str | None, raw: dict[str, bytes]) -> t
             raise CheckpointError("not a Megatron common state (expected a one-item list)", where)
         common = common[0]
     else:
-        return {}, None
+        return {}, None, folder / DCP_METADATA
     if not isinstance(common, dict):
         raise CheckpointError("not a Megatron common state (top level is not a dict)", where)
-    return common, source
+    return common, source, where
 
 
 def _unpickle(data: bytes, where: Path):

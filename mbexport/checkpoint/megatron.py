@@ -20,6 +20,7 @@ import torch
 
 from mbexport.checkpoint import names
 from mbexport.checkpoint.safe_load import ZIP_MAGIC, torch_load
+from mbexport.config import shown
 from mbexport.errors import CheckpointError, first_line
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -205,9 +206,10 @@ def read_tracker(path: Path) -> str:
 
 def iteration_folder(data: bytes, path: Path) -> str:
     """The folder a tracker file's bytes name: ``release`` or ``iter_0000123`` (ASCII digits only)."""
-    text = data.strip().decode("ascii", errors="replace")
+    text = data.strip().decode("utf-8", errors="replace")
     if len(data) > TRACKER_LIMIT or not ITERATION.match(text):
-        raise CheckpointError(f"{TRACKER} says {text[:20]!r}, expected 'release' or an iteration number", path)
+        raise CheckpointError(f"{TRACKER} says {shown(text)}, expected 'release' or an iteration number (ASCII "
+                              "digits)", path)
     return "release" if text == "release" else f"iter_{int(text):07d}"
 
 
@@ -258,9 +260,8 @@ def checkpoint_version(value, path: Path) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in CHECKPOINT_VERSIONS:
-        shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
-        raise CheckpointError(f"checkpoint_version {shown} is not one Megatron-LM writes (absent, 0, 1.0, 2.0, 3.0)",
-                              path)
+        raise CheckpointError(f"checkpoint_version {shown(value)} is not one Megatron-LM writes (absent, 0, 1.0, 2.0, "
+                              "3.0)", path)
     return float(value)
 
 
@@ -340,7 +341,7 @@ def _join_stages(stages: list[Shard], pp: int) -> tuple[Path, dict[str, torch.Te
                 if name is None:
                     continue
                 if not names.is_known(name):
-                    raise CheckpointError(f"unexpected tensor {key}", stage.file)
+                    raise CheckpointError(f"unexpected tensor {key[:200]}{'...' if len(key) > 200 else ''}", stage.file)
                 layer, rest = names.split_layer(name)
                 if layer is not None:
                     name = f"layers.{(v * pp + stage.pp) * per_chunk + layer}.{rest}"

@@ -173,6 +173,8 @@ def check_declared_sizes(f: BinaryIO, size: int, path: Path) -> None:
         pickles, header = 1, _skip_to_data_pkl(f, path)
     elif head[:2] == PICKLE_PROTOCOL_2:
         pickles, header = 5, 0  # magic number, protocol, system info, the object, its storage keys; then storages
+    elif not head:
+        raise CheckpointError("not a PyTorch checkpoint (the file is empty)", path)
     else:
         text = "; a text file?" if _printable(head) else ""
         raise CheckpointError(f"not a PyTorch checkpoint (it starts with {head!r}, neither PyTorch's zip nor its "

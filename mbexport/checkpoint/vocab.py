@@ -50,11 +50,11 @@ def resolved_vocab(src: str | Path, vocab: str | Path | None, log: Callable[[str
     if own is None:
         yield None
         return
+    tokens = wordpiece_tokens(own) if own.name != "vocab.txt" else None
     log(f"vocab: {own} (the checkpoint's own; --vocab overrides it)")
-    if own.name == "vocab.txt":
+    if tokens is None:
         yield own
         return
-    tokens = wordpiece_tokens(own)
     with tempfile.TemporaryDirectory(prefix="mbexport-vocab-") as folder:
         path = Path(folder) / "vocab.txt"
         path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
