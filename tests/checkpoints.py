@@ -297,3 +297,27 @@ def _save_ranks(common: dict, model: dict, folder: Path, ranks: int) -> None:
         (folder / f"rank{rank}").rmdir()
     with open(folder / ".metadata", "wb") as f:
         pickle.dump(merged, f)
+
+
+def torch_saved(obj) -> bytes:
+    """``obj`` as ``torch.save`` writes it (no stand-in modules: what a hostile writer would produce)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def replace_bytes_item(folder: Path, key: str, data: bytes) -> None:
+    """Append ``data`` to a DCP folder's data file and point its bytes item ``key`` at it, as a hostile writer
+    could (``.metadata`` is rewritten with plain pickle here: it holds only dcp's own dataclasses)."""
+    import pickle
+
+    from mbexport.checkpoint.safe_load import dist_metadata
+
+    metadata = dist_metadata(folder / ".metadata")
+    (info,) = [info for index, info in metadata.storage_data.items() if index.fqn == key]
+    path = folder / info.relative_path
+    info.offset, info.length = path.stat().st_size, len(data)
+    with open(path, "ab") as f:
+        f.write(data)
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)

@@ -12,7 +12,7 @@ import zipfile
 import pytest
 import torch
 
-from checkpoints import megatron_shards, save, write_megatron, write_torch_dist
+from checkpoints import megatron_shards, replace_bytes_item, save, torch_saved, write_megatron, write_torch_dist
 from mbexport.checkpoint.example import make_example, write_ngc_zip
 
 
@@ -477,9 +477,7 @@ def _size(value):
 
 def _common_state(obj):
     def damage(folder):
-        from test_checkpoint_formats import _replace_bytes_item, torch_saved
-
-        _replace_bytes_item(folder, "common_state/shard_0_1", torch_saved(obj))
+        replace_bytes_item(folder, "common_state/shard_0_1", torch_saved(obj))
         return folder / "common_state/shard_0_1"
     return damage
 
@@ -509,9 +507,7 @@ DIST_CASES = {
 
 
 def _replace(folder, data):
-    from test_checkpoint_formats import _replace_bytes_item
-
-    _replace_bytes_item(folder, "common_state/shard_0_1", data)
+    replace_bytes_item(folder, "common_state/shard_0_1", data)
     return folder / "common_state/shard_0_1"
 
 
@@ -674,3 +670,27 @@ def test_small_inputs_that_would_take_gigabytes_are_refused_within_a_memory_limi
     for src, fragment in expected.items():
         code, err = outcomes[str(src)]
         assert code == 2 and err.count("\n") == 1 and fragment in err, (src, err)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(vocab_size=30592, hidden_size=2560, num_hidden_layers=48, num_attention_heads=40, intermediate_size=10240,
+         max_position_embeddings=512),  # Megatron-BERT 3.9B
+    dict(vocab_size=51200, hidden_size=12288, num_hidden_layers=96, num_attention_heads=96, intermediate_size=49152,
+         max_position_embeddings=2048),  # GPT-3 175B's shape
+    dict(vocab_size=128256, hidden_size=16384, num_hidden_layers=126, num_attention_heads=128,
+         intermediate_size=53248, max_position_embeddings=131072),  # a 405B model's shape
+], ids=["bert-3.9b", "gpt3-175b", "405b"])
+def test_the_limits_leave_room_for_real_large_models(shape):
+    """The architecture limits refuse only what no released model has: these configs and args are accepted."""
+    from mbexport.checkpoint import _args
+    from mbexport.config import MegatronBertConfig
+
+    config = MegatronBertConfig(**shape)
+    args = argparse.Namespace(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                              num_attention_heads=config.num_attention_heads,
+                              ffn_hidden_size=config.intermediate_size,
+                              max_position_embeddings=config.max_position_embeddings,
+                              padded_vocab_size=config.vocab_size, layernorm_epsilon=1e-5,
+                              tensor_model_parallel_size=8, pipeline_model_parallel_size=16)
+    assert _args(args, None)["num_layers"] == config.num_hidden_layers
+    assert MegatronBertConfig.from_hf_dict(config.to_hf_dict()).replace(id2label={}) == config

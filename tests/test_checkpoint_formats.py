@@ -6,10 +6,8 @@ Every layout is written here with torch.distributed.checkpoint in this one proce
 (hidden/64 = 1, Megatron's 1e-5), and read back exactly; its conversion matches transformers to 1e-6.
 """
 
-import io
 import json
 import os
-import pickle
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints import FP8_EXTRA_STATE, megatron_shards, pickled, save, write_torch_dcp, write_torch_dist
+from checkpoints import (FP8_EXTRA_STATE, megatron_shards, pickled, replace_bytes_item, save, torch_saved,
+                         write_torch_dcp, write_torch_dist)
+from conftest import random_megatron_bert
 from mbexport.checkpoint import load_checkpoint
 from mbexport.checkpoint.example import example_vocab
 
@@ -27,21 +27,11 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def bert():
     """A random transformers MegatronBertForPreTraining with 8 heads and epsilon 1e-6, in Checkpoint naming."""
-    from types import SimpleNamespace
-
     from mbexport.config import MegatronBertConfig
 
-    config = MegatronBertConfig(vocab_size=384, hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
-                                intermediate_size=128, max_position_embeddings=64, layer_norm_eps=1e-6)
-    hf_config = transformers.MegatronBertConfig(**{k: v for k, v in config.to_hf_dict().items()
-                                                   if k not in ("architectures", "id2label", "label2id")})
-    torch.manual_seed(1)
-    model = transformers.MegatronBertForPreTraining(hf_config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    state_dict = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("cls.predictions.decoder")}
-    return SimpleNamespace(model=model, config=config, state_dict=state_dict)
+    return random_megatron_bert(MegatronBertConfig(vocab_size=384, hidden_size=64, num_hidden_layers=3,
+                                                   num_attention_heads=8, intermediate_size=128,
+                                                   max_position_embeddings=64, layer_norm_eps=1e-6), seed=1)
 
 
 @pytest.fixture
@@ -177,34 +167,14 @@ def test_pickles_inside_the_dcp_payload_never_run(where, bert, tmp_path, cli):
         common = {"args": Evil(marker), "checkpoint_version": 3.0}
         folder = tmp_path / "ckpt/iter_0000100"
         write_torch_dist(tmp_path / "ckpt", bert.state_dict, bert.config, common_pt=False)
-        _replace_bytes_item(folder, "common_state/shard_0_1", torch_saved([common]))
+        replace_bytes_item(folder, "common_state/shard_0_1", torch_saved([common]))
     else:
         folder = tmp_path / "ckpt/iter_0000100"
         write_torch_dcp(tmp_path / "ckpt", bert.state_dict, bert.config)
-        _replace_bytes_item(folder, "args", torch_saved(Evil(marker)))
+        replace_bytes_item(folder, "args", torch_saved(Evil(marker)))
     code, _, err = cli("inspect", tmp_path / "ckpt")
     assert code == 2 and err.count("\n") == 1 and "refused to load" in err and "posix.system" in err, err
     assert not marker.exists()
-
-
-def torch_saved(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def _replace_bytes_item(folder, key, data: bytes):
-    """Append ``data`` to the data file and point the bytes item ``key`` at it (what a hostile writer can do)."""
-    from mbexport.checkpoint.safe_load import dist_metadata
-
-    metadata = dist_metadata(folder / ".metadata")
-    (index, info), = [(i, s) for i, s in metadata.storage_data.items() if i.fqn == key]
-    path = folder / info.relative_path
-    info.offset, info.length = path.stat().st_size, len(data)
-    with open(path, "ab") as f:
-        f.write(data)
-    with open(folder / ".metadata", "wb") as f:
-        pickle.dump(metadata, f)
 
 
 @pytest.mark.parametrize("fp8", [True, False])
