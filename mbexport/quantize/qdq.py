@@ -32,9 +32,7 @@ from mbexport.export import convert_fp16
 from mbexport.export.onnxfile import readers
 from mbexport.fsutil import temp_prefix
 from mbexport.manifest import external_data_name
-
-MODES = ("int8", "fp8")
-METHODS = ("max", "entropy")
+from mbexport.precisions import CALIBRATION_METHODS, made_by
 
 
 def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "int8",
@@ -44,10 +42,10 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
     ``calibration`` is a list of feed dicts (see ``calibration_batches``); activation ranges are their
     ``method`` statistic: ``max`` (absolute maximum) or ``entropy`` (KL-divergence threshold).
     """
-    if mode not in MODES:
-        raise MbexportError(f"cannot quantize to '{mode}'; choose one of: {', '.join(MODES)}")
-    if method not in METHODS:
-        raise MbexportError(f"unknown calibration method '{method}'; choose one of: {', '.join(METHODS)}")
+    if mode not in made_by("quantize"):
+        raise MbexportError(f"cannot quantize to '{mode}'; choose one of: {', '.join(made_by('quantize'))}")
+    if method not in CALIBRATION_METHODS:
+        raise MbexportError(f"unknown calibration method '{method}'; choose one of: {', '.join(CALIBRATION_METHODS)}")
     if not calibration:
         raise MbexportError("no calibration batches", fp32_onnx)
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
