@@ -187,13 +187,14 @@ def _dcp_save(state: dict, folder: Path, *, prepickled: bool = False) -> None:
 
 def write_torch_dist(out_dir: str | Path, state_dict: dict, config: MegatronBertConfig, *, te: bool = False,
                      iteration: int = 100, common_pt: bool = True, fp8: bool = False, integrity: bool = False,
-                     vocab: Path | None = None, args: bool = True) -> Path:
+                     vocab: Path | None = None, args: bool = True, tp: int = 1, pp: int = 1) -> Path:
     """Megatron-Core ``torch_dist``: global tensors, layers stacked on dim 0, TE ``_extra_state`` as bytes.
 
     ``common_pt``: the common state (args, checkpoint_version, iteration) in ``common.pt``, as Megatron-Core
     wrote it until 0.19; otherwise inside the DCP payload as the ``common_state`` sharded object (a
     ``torch.save``d one-item list, ``megatron/core/dist_checkpointing/serialization.py``). ``integrity``
     adds ``integrity.json``, ``vocab`` a ``tokenizer/vocab.txt``, as Megatron-LM's main branch (2026) does.
+    ``tp`` and ``pp`` are what ``args`` say the model was trained with (the tensors are global all the same).
     """
     out_dir = Path(out_dir)
     folder = out_dir / f"iter_{iteration:07d}"
@@ -211,7 +212,7 @@ def write_torch_dist(out_dir: str | Path, state_dict: dict, config: MegatronBert
             io.BytesIO(extra)
     common = {"checkpoint_version": 3.0, "iteration": iteration}
     if args:
-        common["args"] = megatron_args(config)
+        common["args"] = megatron_args(config, tp=tp, pp=pp)
     if not common_pt:
         state["common_state/shard_0_1"] = io.BytesIO(pickled([common]))
     _dcp_save(state, folder, prepickled=True)

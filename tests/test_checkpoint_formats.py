@@ -51,7 +51,8 @@ def logits(model, vocab_size):
 
 # (id, writer, mbexport format, Megatron's --ckpt-format, where args come from)
 LAYOUTS = [
-    ("torch-dist-common-state", lambda d, b: write_torch_dist(d, b.state_dict, b.config, common_pt=False, te=True),
+    ("torch-dist-common-state-tp2-pp2", lambda d, b: write_torch_dist(d, b.state_dict, b.config, common_pt=False,
+                                                                     te=True, tp=2, pp=2),
      "megatron-core-dist", "torch_dist", "the DCP payload's common_state"),
     ("torch-dist-common-pt", lambda d, b: write_torch_dist(d, b.state_dict, b.config), "megatron-core-dist",
      "torch_dist", "common.pt"),
@@ -72,6 +73,8 @@ def test_dcp_layouts_read_exactly_with_their_args(layout, bert, tmp_path, cli):
     assert ckpt.config == bert.config  # 8 heads and epsilon 1e-6: from args, not guessed
     assert ckpt.info["num_attention_heads_source"] == "args" and ckpt.info["layer_norm_eps_source"] == "args"
     assert ckpt.info["iteration"] == 100 and ckpt.info["checkpoint_version"] == 3.0
+    trained_with = (2, 2) if "tp2-pp2" in layout[0] else (1, 1)  # global tensors, whatever the parallelism
+    assert (ckpt.info["tensor_parallel"], ckpt.info["pipeline_parallel"]) == trained_with
     assert list(ckpt.state_dict) == list(bert.state_dict)
     assert all(torch.equal(ckpt.state_dict[k], v) for k, v in bert.state_dict.items())
     code, _, err = cli("convert", src, "--out", tmp_path / "hf")

@@ -113,9 +113,13 @@ def _from_megatron(path: Path, fmt: str, shards: list[Shard], heads_option: int 
     args = _args(first.args, first.file)
     arg = args.get
     tp, pp = 1 + max(s.tp for s in shards), 1 + max(s.pp for s in shards)
-    for name, found in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
-        if arg(name) not in (None, found):
-            raise CheckpointError(f"args say {name}={arg(name)} but the checkpoint has {found} such shard(s)", path)
+    if details["ckpt_format"] == "torch":  # a file per rank: args must agree with the files there are
+        for name, found in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+            if arg(name) not in (None, found):
+                raise CheckpointError(f"args say {name}={arg(name)} but the checkpoint has {found} such shard(s)",
+                                      path)
+    else:  # DCP formats hold global tensors, whatever parallelism they were trained with: report that
+        tp, pp = arg("tensor_model_parallel_size") or 1, arg("pipeline_model_parallel_size") or 1
     word = next((t for key, t in first.chunks[0].items() if names.canonical(key) == "word_embeddings.weight"), None)
     hidden = arg("hidden_size") or (word.shape[1] if isinstance(word, torch.Tensor) and word.dim() == 2 else None)
     if hidden is None:
