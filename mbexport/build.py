@@ -27,7 +27,7 @@ from mbexport.errors import CheckpointError, MbexportError, ValidationFailed, ow
 from mbexport.export import convert_fp16, export, source_sha256
 from mbexport.fsutil import output_folder, sha256_file
 from mbexport.manifest import MANIFEST, Artifact, Manifest
-from mbexport.quantize import calibration_batches, quantize_onnx
+from mbexport.quantize import FORMAT as QUANTIZED_FORMAT, calibration_batches, quantize_onnx
 from mbexport.recipes import Recipe
 from mbexport.runtime import providers
 from mbexport.tasks import Task, get_task
@@ -181,7 +181,8 @@ def _precision(run: _Run, task: Task, config: MegatronBertConfig, fp32: Artifact
                          "fp16", "onnx", _key("fp16", fp32.sha256), make_fp16, fp32)
     calib = recipe.calibration
     inputs = (sha256_file(calib.text), sha256_file(vocab)) if calib.text is not None else None
-    key = _key("quantize", recipe.precision, fp32.sha256, inputs, calib.size, calib.method, calib.sequence)
+    key = _key("quantize", QUANTIZED_FORMAT, recipe.precision, fp32.sha256, inputs, calib.size, calib.method,
+               calib.sequence)
 
     def make(path: Path) -> dict:
         batches = calibration_batches(task, config, text=calib.text, vocab=vocab, size=calib.size,
