@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -216,8 +215,6 @@ def test_run_needs_a_vocab(artifacts, tmp_path):
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
-                    reason="TensorRT is not installed (it cannot be on the CPU machines)")
 def test_tensorrt_engine_answers_like_onnxruntime(artifacts, tmp_path):
     from mbexport.engine import Profile, build_engine
 
