@@ -18,7 +18,7 @@ from mbexport.deploy.serving import TEXT_HEADS, RequestError, TextPipeline
 from mbexport.engine import tensorrt_available, trt_runner
 from mbexport.errors import MbexportError
 from mbexport.manifest import Artifact, Manifest
-from mbexport.runtime import ort_session
+from mbexport.runtime import ort_session, providers
 from mbexport.tasks import Task, get_task
 from mbexport.text import load_tokenizer
 
@@ -90,8 +90,9 @@ def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backen
     with _runner(manifest, task, used, artifact, device) as runner:
         outputs = {name: np.asarray(value) for name, value in runner.infer(feed).items()}
     result = pipeline.answers(feed, outputs)[0]
-    return {"task": task.name, "backend": used, "precision": artifact.precision if artifact else "fp32",
-            "artifact": artifact.path if artifact else None, **result}
+    return {"task": task.name, "backend": used, "device": _device(used, device),
+            "precision": artifact.precision if artifact else "fp32", "artifact": artifact.path if artifact else None,
+            **result}
 
 
 def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str | None = None
@@ -124,6 +125,13 @@ def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str
             return name, pick
         reasons.append(f"no {KINDS[name]}{f' {precision}' if precision else ''} artifact (built: {describe(own)})")
     raise MbexportError(f"cannot run {task.name} with --backend {backend}: {'; '.join(reasons)}", manifest.root)
+
+
+def _device(backend: str, device: str) -> str:
+    """Where the backend runs: TensorRT on the GPU, the reference on the CPU, ONNX Runtime where --device put it."""
+    if backend == "onnxruntime":
+        return "cuda" if providers(device)[0] == "CUDAExecutionProvider" else "cpu"
+    return "cuda" if backend == "tensorrt" else "cpu"
 
 
 def describe(artifacts: list[Artifact]) -> str:
