@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Column
 from rich.text import Text
@@ -27,6 +28,19 @@ def error(message: str) -> None:
 def line(message: str) -> None:
     """One plain line on stderr (a warning, a finished stage); above the live display when one is running."""
     err.print(message, soft_wrap=True)
+
+
+class Fitted:
+    """A table where the terminal is wide enough for it, else the same content as plain lines: a table that
+    does not fit would cut cells with an ellipsis or break paths mid-word. Every column of ``wide`` that must
+    not be cut is ``no_wrap``, so its minimum width says whether it fits."""
+
+    def __init__(self, wide: RenderableType, narrow: RenderableType):
+        self.wide, self.narrow = wide, narrow
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        needed = Measurement.get(console, options.update(max_width=1 << 16), self.wide).minimum
+        yield self.wide if needed <= options.max_width else self.narrow
 
 
 class StageDisplay:

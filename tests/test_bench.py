@@ -1,6 +1,7 @@
 """``mbexport bench``: FLOP counts by hand, the statistics, and the command on a tiny exported model (CPU)."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -91,6 +92,37 @@ def test_bench_on_cpu_writes_sane_json_and_a_png(artifacts, capsys):
     assert (artifacts / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "ort-cpu fp16" in out and "skipped" in out and "bench.json" in out
+    assert "TFLOP/s" in out and "…" not in out and max(map(len, out.splitlines())) <= 80  # captured: 80 columns
+
+
+def test_the_summary_reads_at_80_columns_and_turns_into_lines_below():
+    """A GPU's widest figures (five-digit throughput, % of peak) at 80 columns: every header and cell whole;
+    narrower, one line per measurement; a backend skipped for every task is said once."""
+    from rich.console import Console
+
+    from mbexport.bench import summary
+
+    def row(backend, precision, task="question-answering"):
+        return {"task": task, "backend": backend, "precision": precision, "status": "ok", "batch": 32,
+                "sequence": 384, "latency_ms": {"p50": 1234.56, "p90": 1250.0, "p99": 1299.99},
+                "sequences_per_s": 25919.9, "tflops_per_s": 312.5, "percent_of_peak": 31.6}
+
+    tasks = ["question-answering", "sequence-classification"]
+    report = {"device": {"gpu": "NVIDIA H100 80GB HBM3", "cpu": "x86"}, "settings": {"tasks": tasks, "iters": 100},
+              "results": [row("ort-cuda", "fp16"), row("trt", "int8", tasks[1])]
+              + [{"task": t, "backend": "torch", "status": "skipped", "reason": "the source checkpoint is not at "
+                  "/data/checkpoints/megatron_bert_345m_v0_1_uncased.zip"} for t in tasks]}
+    for width in (80, 50):
+        console = Console(width=width, record=True, file=open(os.devnull, "w"))
+        console.print(summary(report))
+        text = console.export_text()
+        lines = text.splitlines()
+        assert "…" not in text and max(map(len, lines)) <= width, text
+        for cell in ("ort-cuda fp16", "32x384", "1234.56", "1299.99", "25919.9", "312", "31.6"):
+            assert any(cell in line for line in lines), (cell, text)
+        assert sum("skipped torch" in line for line in lines) == 1, text
+        table = any(line.startswith("ort-cuda fp16   32x384") for line in lines)
+        assert table == (width == 80) and "TFLOP/s" in text and "% of" in text, text
 
 
 def test_an_artifact_the_runtime_refuses_is_a_failed_row_and_exit_1(artifacts, tmp_path):

@@ -4,37 +4,54 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from mbexport.fsutil import atomic_file
+from mbexport.terminal import Fitted
+
+
+# (header, the figure's label in a line, its format); "% of peak" only where some device has a known peak
+COLUMNS = (("batch\nx seq", "", "{}x{}"), ("p50\nms", "p50", "{:.2f}"), ("p90\nms", "p90", "{:.2f}"),
+           ("p99\nms", "p99", "{:.2f}"), ("seq/s", "", "{:.1f}"), ("TFLOP/s", "", "{:.3g}"),
+           ("% of\npeak", "", "{:.1f}"))
 
 
 def summary(report: dict) -> Group:
-    """One table per task (a row per measurement), then a line per skipped or failed backend and why."""
+    """One table per task (a row per measurement; lines where the terminal is too narrow for it), then one
+    line per backend that was skipped or failed, and why, naming the tasks it concerns."""
     device = report["device"]["gpu"] or report["device"]["cpu"]
     parts = []
     for task in report["settings"]["tasks"]:
-        out = Table(title=f"{task} on {device}, p50/p90/p99 of {report['settings']['iters']} runs",
-                    title_justify="left")
-        out.add_column("runner", no_wrap=True)
-        for column in ("b x s", "p50 ms", "p90 ms", "p99 ms", "seq/s", "TFLOP/s", "% peak"):
-            out.add_column(column, justify="right")
-        for row in report["results"]:
-            if row["task"] == task and row["status"] == "ok":
-                latency, peak = row["latency_ms"], row["percent_of_peak"]
-                out.add_row(_runner(row), f"{row['batch']} x {row['sequence']}",
-                            f"{latency['p50']:.2f}", f"{latency['p90']:.2f}", f"{latency['p99']:.2f}",
-                            f"{row['sequences_per_s']:.1f}", f"{row['tflops_per_s']:.3g}",
-                            "-" if peak is None else f"{peak:.1f}")
-        parts.append(out)
+        rows = [row for row in report["results"] if row["task"] == task and row["status"] == "ok"]
+        columns = COLUMNS if any(row["percent_of_peak"] is not None for row in rows) else COLUMNS[:-1]
+        title = f"{task} on {device}, latency p50/p90/p99 of {report['settings']['iters']} runs"
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        table.add_column("runner", no_wrap=True)
+        for header, _, _ in columns:
+            table.add_column(header, justify="right", no_wrap=True)
+        lines = [Text(title)]
+        for row in rows:
+            latency = row["latency_ms"]
+            figures = ((row["batch"], row["sequence"]), latency["p50"], latency["p90"], latency["p99"],
+                       row["sequences_per_s"], row["tflops_per_s"], row["percent_of_peak"])
+            cells = [spec.format(*value) if isinstance(value, tuple) else spec.format(value)
+                     for (_, _, spec), value in zip(columns, figures)]
+            table.add_row(_runner(row), *cells)
+            lines.append(Text(f"  {_runner(row)} {cells[0]}: p50 {cells[1]} ms (p90 {cells[2]}, p99 {cells[3]}), "
+                              f"{cells[4]} seq/s, {cells[5]} TFLOP/s"
+                              + (f", {cells[6]}% of peak" if len(cells) > 6 else "")))
+        parts.append(Fitted(table, Group(*lines)))
+    problems: dict[tuple, list[str]] = {}
     for row in report["results"]:
         if row["status"] != "ok":
-            colour = "yellow" if row["status"] == "skipped" else "red"
-            shape = f" {row['batch']} x {row['sequence']}" if "batch" in row else ""
-            what = f"{row['task']} {_runner(row)}{shape}"
-            parts.append(Text.from_markup(f"[{colour}]{row['status']}[/{colour}] {what}: ") + Text(row["reason"]))
+            shape = f" {row['batch']}x{row['sequence']}" if "batch" in row else ""
+            problems.setdefault((row["status"], f"{_runner(row)}{shape}", row["reason"]), []).append(row["task"])
+    for (status, what, reason), tasks in problems.items():
+        colour = "yellow" if status == "skipped" else "red"
+        parts.append(Text.assemble((status, colour), f" {what} ({', '.join(tasks)}): {reason}"))
     return Group(*parts)
 
 
