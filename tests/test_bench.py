@@ -233,3 +233,57 @@ def test_bench_times_an_engine_within_its_profiles(artifacts, tmp_path):
     rows = {r["batch"]: r for r in json.loads((folder / "bench.json").read_text())["results"]}
     assert rows[1]["status"] == "ok" and rows[1]["device"] == "cuda" and rows[1]["latency_ms"]["p50"] > 0
     assert rows[4]["status"] == "skipped" and "optimization profiles" in rows[4]["reason"]
+
+
+def bench_report(batches, sequences, runners, tasks=("question-answering",)):
+    """A bench.json as ``bench`` writes it, with made-up latencies: the plot's input."""
+    rows = [{"task": task, "backend": backend, "precision": precision, "status": "ok", "batch": batch,
+             "sequence": sequence, "latency_ms": {"p50": ms * batch * sequence / 128},
+             "sequences_per_s": 1000 * 128 / (ms * sequence)}
+            for task in tasks for (backend, precision), ms in runners.items() for batch in batches
+            for sequence in sequences]
+    return {"created": "2026-12-03T10:00:00+00:00", "device": {"cpu": "Some CPU", "cpu_count": 2, "gpu": None},
+            "versions": {"onnxruntime": "1.32.0", "torch": "2.13.0"}, "config": {"hidden_size": 64,
+            "num_hidden_layers": 2}, "settings": {"tasks": list(tasks), "iters": 10, "warmup": 2}, "results": rows}
+
+
+def test_the_plot_says_what_was_measured_where_and_in_what_units():
+    from mbexport.bench.report import figure
+
+    drawn = figure(bench_report([1, 8, 32], [128, 384], {("torch", "fp32"): 40.0, ("trt", "fp8"): 0.5},
+                                tasks=("question-answering", "masked-lm")))
+    axes = drawn.axes
+    titles = [axis.get_title() for axis in axes]
+    assert len(set(titles)) == 4 and titles[0] == "question-answering: p50 latency"
+    title = drawn.get_suptitle()
+    assert "Some CPU" in title and "hidden 64, 2 layers" in title and "p50 of 10 timed runs" in title
+    assert [axis.get_ylabel() for axis in axes[:2]] == ["p50 latency (ms)", "throughput (sequences/s)"]
+    assert all(axis.get_xlabel() == "batch size (sequences)" for axis in axes)
+    # a line per runner and sequence length, each through every batch size; one legend, outside the panels
+    assert all(len(line.get_xdata()) == 3 for axis in axes for line in axis.get_lines())
+    assert all(axis.get_legend() is None for axis in axes) and len(drawn.legends) == 1
+    drawn.canvas.draw()
+    renderer = drawn.canvas.get_renderer()
+    legend = drawn.legends[0].get_window_extent(renderer)
+    assert all(legend.y1 <= axis.get_tightbbox(renderer).y0 + 1 for axis in axes)
+    assert {t.get_text() for t in drawn.legends[0].get_texts()} == {"torch fp32", "trt fp8", "128 tokens",
+                                                                    "384 tokens"}
+    # 80x apart: a log axis whose labelled ticks do not overlap
+    latency = axes[0]
+    assert latency.get_yscale() == "log"
+    boxes = [t.get_window_extent(renderer) for t in latency.get_yticklabels() if t.get_visible() and t.get_text()]
+    assert len(boxes) >= 3 and not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_one_shape_is_drawn_as_labelled_bars():
+    """A single-batch, single-length run (bench's CPU default) gives bars with their values, not dots."""
+    from mbexport.bench.report import figure
+
+    drawn = figure(bench_report([1], [128], {("torch", "fp32"): 0.64, ("ort-cpu", "fp32"): 0.44,
+                                             ("ort-cpu", "int8"): 1.3}))
+    latency, throughput = drawn.axes
+    assert not latency.get_lines() and len(latency.patches) == 3
+    assert [t.get_text() for t in latency.get_yticklabels()] == ["torch fp32", "ort-cpu fp32", "ort-cpu int8"]
+    assert [t.get_text() for t in latency.texts] == ["0.64", "0.44", "1.30"]
+    assert [t.get_text() for t in throughput.texts] == ["1,562", "2,273", "769"]
+    assert latency.get_xlabel() == "p50 latency (ms)" and "batch 1 x 128 tokens" in drawn.get_suptitle()
