@@ -58,7 +58,7 @@ class StageDisplay:
             return
         columns = (SpinnerColumn(), TextColumn("{task.description}", markup=False, style="bold"),
                    TextColumn("{task.fields[doing]}", markup=False,
-                              table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                              table_column=Column(ratio=1)),  # wraps between words: nothing cut
                    TimeElapsedColumn())
         with Progress(*columns, console=self.console, transient=True, expand=True) as progress:
             progress.add_task(stage, doing=doing)

@@ -314,6 +314,22 @@ def test_the_live_display_draws_only_on_a_terminal():
         assert terminal or drawn == ""
 
 
+def test_the_live_display_wraps_what_a_stage_does_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from mbexport.terminal import StageDisplay
+
+    screen = io.StringIO()
+    doing = "calibrating on 64 lines of calib.txt x 128 tokens (max), placing Q/DQ with Model Optimizer"
+    with StageDisplay(Console(file=screen, force_terminal=True, width=80, markup=False)).busy(
+            "quantize masked-lm int8 (2/3)", doing):
+        time.sleep(0.3)
+    drawn = screen.getvalue()
+    assert "…" not in drawn and all(word in drawn for word in doing.split()), drawn
+
+
 def test_a_cached_rerun_repeats_the_warnings_of_the_stages_it_skipped(qa_copy, example):
     import warnings
 
