@@ -13,10 +13,10 @@ from mbexport.fsutil import atomic_file
 from mbexport.terminal import Fitted
 
 
-# (header, the figure's label in a line, its format); "% of peak" only where some device has a known peak
-COLUMNS = (("batch\nx seq", "", "{}x{}"), ("p50\nms", "p50", "{:.2f}"), ("p90\nms", "p90", "{:.2f}"),
-           ("p99\nms", "p99", "{:.2f}"), ("seq/s", "", "{:.1f}"), ("TFLOP/s", "", "{:.3g}"),
-           ("% of\npeak", "", "{:.1f}"))
+# (header, format) after the runner; two-line headers keep the table inside 80 columns. The last, "% of
+# peak", only where some device has a known peak.
+COLUMNS = (("batch\nx seq", "{}x{}"), ("p50\nms", "{:.2f}"), ("p90\nms", "{:.2f}"), ("p99\nms", "{:.2f}"),
+           ("seq/s", "{:.1f}"), ("TFLOP/s", "{:.3g}"), ("% of\npeak", "{:.1f}"))
 
 
 def summary(report: dict) -> Group:
@@ -30,7 +30,7 @@ def summary(report: dict) -> Group:
         title = f"{task} on {device}, latency p50/p90/p99 of {report['settings']['iters']} runs"
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         table.add_column("runner", no_wrap=True)
-        for header, _, _ in columns:
+        for header, _ in columns:
             table.add_column(header, justify="right", no_wrap=True)
         lines = [Text(title)]
         for row in rows:
@@ -38,7 +38,7 @@ def summary(report: dict) -> Group:
             figures = ((row["batch"], row["sequence"]), latency["p50"], latency["p90"], latency["p99"],
                        row["sequences_per_s"], row["tflops_per_s"], row["percent_of_peak"])
             cells = [spec.format(*value) if isinstance(value, tuple) else spec.format(value)
-                     for (_, _, spec), value in zip(columns, figures)]
+                     for (_, spec), value in zip(columns, figures)]
             table.add_row(_runner(row), *cells)
             lines.append(Text(f"  {_runner(row)} {cells[0]}: p50 {cells[1]} ms (p90 {cells[2]}, p99 {cells[3]}), "
                               f"{cells[4]} seq/s, {cells[5]} TFLOP/s"

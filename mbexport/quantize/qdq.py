@@ -12,9 +12,9 @@ masked-LM accuracy.
 What is not quantized runs in fp16, with the fp16 export's fp32 islands (LayerNorm, Softmax, the Adds
 feeding them): TensorRT 11 builds strongly typed, so an fp32 remainder would stay fp32 on the GPU. Model
 Optimizer's own ``high_precision_dtype="fp16"`` would put LayerNorm and the residual stream in fp16 too;
-instead the fp32-remainder output goes through the fp16 export's conversion. On the trained fixture both remainders
-keep the same accuracy (within a few masked tokens of 7191). Then each weight's QuantizeLinear is computed
-once and stored as int8 / fp8 (``weights.py``): the file holds one byte per quantized weight.
+instead the fp32-remainder output goes through the fp16 export's conversion. On the trained fixture both
+remainders keep the same accuracy (within a few masked tokens of 7191). Then each weight's QuantizeLinear is
+computed once and stored as int8 / fp8 (``weights.py``): the file holds one byte per quantized weight.
 """
 
 from __future__ import annotations
