@@ -30,6 +30,7 @@ PREFERENCE = {"tensorrt": ("fp16", "fp8", "int8", "fp32"), "onnxruntime": ("fp32
 VOCAB = "vocab.txt"
 DEFAULT_SEQUENCE = 384  # without an engine's profiles: the default engine profile's max (SQuAD's usual length)
 PAD_LENGTHS = (16, 32, 64, 128, 256)  # shorter lengths a padded request may take below the longest
+SOURCE = ("task", "backend", "device", "precision", "artifact")  # an answer's fields saying where it came from
 
 
 def sequence_length(config: MegatronBertConfig, artifact: Artifact | None) -> int:
@@ -89,10 +90,9 @@ def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backen
         raise MbexportError(str(error)) from None
     with _runner(manifest, task, used, artifact, device) as runner:
         outputs = {name: np.asarray(value) for name, value in runner.infer(feed).items()}
-    result = pipeline.answers(feed, outputs)[0]
-    return {"task": task.name, "backend": used, "device": _device(used, device),
-            "precision": artifact.precision if artifact else "fp32", "artifact": artifact.path if artifact else None,
-            **result}
+    source = (task.name, used, _device(used, device), artifact.precision if artifact else "fp32",
+              artifact.path if artifact else None)
+    return {**dict(zip(SOURCE, source)), **pipeline.answers(feed, outputs)[0]}
 
 
 def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str | None = None
