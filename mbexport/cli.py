@@ -15,6 +15,7 @@ import typer
 from mbexport import terminal
 from mbexport.errors import MbexportError, own_warning
 from mbexport.fsutil import OVERWRITE_FLAG
+from mbexport.precisions import EXPORTED, OPSET, PRECISIONS, made_by
 
 # rich_markup_mode=None: help text prints literally, like every other message (terminal.py)
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -32,13 +33,6 @@ def _overwrite_option(what: str = "folder"):
     """The one flag every command that writes a folder takes (fsutil.check_output is the rule it lifts)."""
     return typer.Option(False, OVERWRITE_FLAG, help=f"Replace the output {what} when it is neither new, empty nor "
                                                     "mbexport's own (never an input).")
-
-
-def _precisions(values):
-    """Precision names are case-insensitive: --precision FP16 is fp16 (a callback for every --precision)."""
-    if values is None:
-        return None
-    return values.lower() if isinstance(values, str) else [value.lower() for value in values]
 
 
 @contextlib.contextmanager
@@ -172,12 +166,12 @@ def export_command(
     src: str = typer.Argument(..., help="Checkpoint (anything convert reads)."),
     task: str = typer.Option(..., "--task", help="Task head, e.g. question-answering (qa), masked-lm (mlm)."),
     out: str = typer.Option(..., "--out", help="Output folder (DIR/<task>/model.<precision>.onnx, manifest.json)."),
-    precision: list[str] = typer.Option(["fp32"], "--precision", callback=_precisions,
-                                        help="fp32 and/or fp16 (repeat or comma list)."),
+    precision: list[str] = typer.Option([EXPORTED], "--precision",
+                                        help=f"{' and/or '.join(made_by('export'))} (repeat or comma list)."),
     init_missing_head: int | None = typer.Option(None, "--init-missing-head", metavar="SEED",
                                                  help="Seed random weights for a head the checkpoint lacks."),
     vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt to copy beside the artifacts."),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset (17+: native LayerNormalization)."),
+    opset: int = typer.Option(OPSET, "--opset", help=f"ONNX opset ({OPSET}+: native LayerNormalization)."),
     overwrite: bool = _overwrite_option(),
 ):
     """Export one task head to ONNX (fp32, optionally a strongly typed fp16) and record it in the manifest."""
@@ -200,7 +194,7 @@ def validate_command(
     out_dir: str = typer.Argument(..., help="Output folder with manifest.json."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto (CUDA when onnxruntime-gpu has it)."),
     task: list[str] = typer.Option(None, "--task", help="Only these tasks (repeat or comma list)."),
-    precision: list[str] = typer.Option(None, "--precision", callback=_precisions,
+    precision: list[str] = typer.Option(None, "--precision",
                                         help="Only these precisions (repeat or comma list)."),
 ):
     """Compare every artifact with the PyTorch reference (Polygraphy); exit 0 pass, 1 fail, 2 bad input."""
@@ -266,7 +260,7 @@ def triton_command(
     repo: str = typer.Option(..., "--repo", help="Model repository folder to write (atomically; one written by "
                                                  "mbexport triton is replaced)."),
     task: list[str] | None = typer.Option(None, "--task", help="Heads to deploy (repeatable; default: all built)."),
-    precision: list[str] | None = typer.Option(None, "--precision", callback=_precisions,
+    precision: list[str] | None = typer.Option(None, "--precision",
                                                help="Precisions to deploy (repeatable; default: what each head's "
                                                     "builds were for)."),
     device: str = typer.Option("auto", "--device", help="Instances of ONNX models: auto (Triton's KIND_AUTO: each "
@@ -298,7 +292,7 @@ def run_command(
     backend: str = typer.Option("auto", "--backend", help="auto (a built TensorRT engine, else a built ONNX file), "
                                                           "tensorrt, onnxruntime or pytorch (the checkpoint's "
                                                           "reference)."),
-    precision: str | None = typer.Option(None, "--precision", callback=_precisions,
+    precision: str | None = typer.Option(None, "--precision",
                                          help="Artifact precision (default: the backend's preferred built one)."),
     top_k: int = typer.Option(5, "--top-k", help="Candidates per [MASK] (mlm)."),
     vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt (default: the one in ARTIFACTS)."),
@@ -323,19 +317,35 @@ def run_command(
 
 
 # ---- build / recipes -------------------------------------------------------------------------------------------------
+BUILD_PRECISION = "fp16"  # build's default without a recipe
+
+
+def _calibrated() -> list[str]:
+    return [p.name for p in PRECISIONS.values() if p.calibrated]
+
+
+def _build_precisions() -> str:
+    """build's --precision help, from the precision registry: the names, and the extras some of them need."""
+    needs: dict[str, list[str]] = {}
+    for p in PRECISIONS.values():
+        if p.extra:
+            needs.setdefault(p.extra, []).append(p.name)
+    extras = "".join(f"; {' and '.join(names)} need pip install 'mbexport[{extra}]'" for extra, names in needs.items())
+    return f"{', '.join(PRECISIONS)} (default {BUILD_PRECISION}){extras}."
+
+
 @app.command("build")
 def build_command(
     src: str = typer.Argument(..., help="Checkpoint: NGC zip, Megatron folder or .pt, torch_dist folder, HF folder."),
     recipe: str | None = typer.Option(None, "--recipe", help="Recipe file or shipped name (see `mbexport recipes`); "
                                                              "the flags below override its fields."),
     task: str | None = typer.Option(None, "--task", help="Head: qa, mlm, seq-cls, ... (required without --recipe)."),
-    precision: str | None = typer.Option(None, "--precision", callback=_precisions,
-                                         help="fp16, int8, fp8 or fp32 (default fp16); int8 and fp8 need "
-                                              "pip install 'mbexport[quant]'."),
+    precision: str | None = typer.Option(None, "--precision", help=_build_precisions()),
     target: str | None = typer.Option(None, "--target", help="engine (TensorRT) or onnx; default engine when "
                                                              "TensorRT is importable, else onnx."),
     out: str | None = typer.Option(None, "--out", help="Output folder (default artifacts/<checkpoint name>)."),
-    calib_text: str | None = typer.Option(None, "--calib-text", help="int8/fp8 calibration text, one example a line."),
+    calib_text: str | None = typer.Option(None, "--calib-text", help=f"{'/'.join(_calibrated())} calibration text, "
+                                                                     "one example a line."),
     calib_size: int | None = typer.Option(None, "--calib-size", help="Calibration examples (default 64)."),
     calib_method: str | None = typer.Option(None, "--calib-method", help="max or entropy (default max)."),
     vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt: copied to the output, tokenizes "
@@ -355,7 +365,7 @@ def build_command(
     if recipe is not None:
         base = load_recipe(recipe)
     elif task is not None:
-        base = Recipe(name="command line", task=task, precision=precision or "fp16")
+        base = Recipe(name="command line", task=task, precision=precision or BUILD_PRECISION)
     else:
         raise MbexportError("give --task (and --precision), or --recipe")
     plan = base.override(task=task, precision=precision, target=target, out=out,

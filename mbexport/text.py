@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mbexport.deploy.serving import encode, wordpiece
+from mbexport.deploy.serving import CLS, PAD, SEP, UNK, encode, wordpiece
 from mbexport.errors import MbexportError
 
 __all__ = ["encode", "load_tokenizer", "read_lines"]
@@ -22,7 +22,7 @@ def load_tokenizer(vocab: str | Path, lowercase: bool = True):
     if not vocab.is_file():
         raise MbexportError("vocab file not found", vocab)
     tokens = _read_text(vocab).splitlines()
-    missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]") if t not in tokens]
+    missing = [t for t in (CLS, SEP, PAD, UNK) if t not in tokens]
     if missing:
         raise MbexportError(f"not a BERT WordPiece vocab (no {missing[0]})", vocab)
     return wordpiece(vocab, lowercase)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from accuracy_protocol import accuracy  # tests/accuracy_protocol.py: the fixture README's protocol
 from mbexport.checkpoint import load_checkpoint
 from mbexport.export import convert_fp16, export_onnx
 from mbexport.model import build_reference
 from mbexport.quantize import calibration_batches, quantize_onnx
-from mbexport.quantize.accuracy import accuracy
 from mbexport.text import read_lines
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tiny-trained"

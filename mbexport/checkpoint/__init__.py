@@ -22,13 +22,9 @@ from mbexport.checkpoint.progress import status
 from mbexport.config import MEGATRON_LAYERNORM_EPS, MegatronBertConfig
 from mbexport.errors import CheckpointError
 from mbexport.fsutil import atomic_dir, write_json_atomic
-from mbexport.tasks import TASKS
+from mbexport.tasks import TASKS, Task, heads_in, modules_in, richest
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_hf_folder"]
-
-# config.json's architecture: the richest head present (classifier weights fit several tasks: keep the first).
-ARCHITECTURE_PREFERENCE = ("pretraining", "question-answering", "sequence-classification", "masked-lm",
-                           "next-sentence", "model")
 
 
 @dataclass
@@ -37,12 +33,20 @@ class Checkpoint:
     format: str  # ngc-zip | megatron-lm | megatron-core | megatron-core-dist | huggingface
     config: MegatronBertConfig
     state_dict: dict[str, torch.Tensor]  # Hugging Face names with "bert."; no tied decoder, no buffers
-    heads: tuple[str, ...]  # mbexport.tasks names whose weights are all present
+    heads: tuple[str, ...]  # mbexport.tasks names whose weights are present, with their shapes and meaning
     info: dict
 
     @property
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.state_dict.values())
+
+    def weights_for(self, task: Task) -> dict[str, torch.Tensor]:
+        """The state dict ``task``'s reference may use: without those of its head modules the checkpoint does not
+        hold with their shape and meaning, so they count as missing (a sentence classifier is no token
+        classifier)."""
+        held = modules_in(_shapes(self.state_dict), self.config, self.info.get("architectures"))
+        foreign = tuple(f"{module.name}." for module in task.modules if module not in held)
+        return {name: t for name, t in self.state_dict.items() if not name.startswith(foreign)}
 
 
 def load_checkpoint(path: str | Path, *, num_attention_heads: int | None = None) -> Checkpoint:
@@ -145,16 +149,15 @@ def _config(build, path: Path) -> MegatronBertConfig:
 
 def _finish(path: Path, fmt: str, config: MegatronBertConfig, state_dict: dict, info: dict) -> Checkpoint:
     state_dict = {name: state_dict[name] for name in names.check_state_dict(state_dict, config, path)}
-    present = set(state_dict)
-    has = lambda prefix: any(k.startswith(prefix) for k in present)  # noqa: E731
-    heads = tuple(
-        task.name for task in TASKS.values()
-        if task.name == "model" or all(has(p) for p in task.head_prefixes)
-    )
+    heads = tuple(task.name for task in heads_in(_shapes(state_dict), config, info.get("architectures")))
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()})
     info = {**info, "dtype": "/".join(dtypes), "padded_vocab_size": config.vocab_size}
     info.setdefault("real_vocab_size", None)
     return Checkpoint(path, fmt, config, state_dict, heads, info)
+
+
+def _shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in state_dict.items()}
 
 
 def save_hf_folder(ckpt: Checkpoint, out_dir: str | Path, *, vocab: Path | None = None, lowercase: bool = True,
@@ -163,8 +166,7 @@ def save_hf_folder(ckpt: Checkpoint, out_dir: str | Path, *, vocab: Path | None 
     (fsutil's overwrite rule: a non-empty ``out_dir`` only with ``overwrite``, never the checkpoint's own)."""
     out_dir = Path(out_dir)
     architectures = ckpt.info.get("architectures") or [
-        TASKS[next(t for t in ARCHITECTURE_PREFERENCE if t in ckpt.heads)].hf_class
-    ]
+        richest([TASKS[name] for name in ckpt.heads], ckpt.config).hf_class]
     with atomic_dir(out_dir, overwrite=overwrite, sources=(ckpt.path, vocab)) as tmp:
         write_json_atomic(tmp / "config.json", ckpt.config.to_hf_dict(architectures))
         write_safetensors(tmp / "model.safetensors", ckpt.state_dict)

@@ -7,6 +7,6 @@ head kept in high precision) after calibrating activation ranges on the CPU with
 """
 
 from mbexport.quantize.calibration import calibration_batches
-from mbexport.quantize.qdq import FORMAT, quantize_onnx
+from mbexport.quantize.qdq import quantize_onnx
 
-__all__ = ["FORMAT", "calibration_batches", "quantize_onnx"]
+__all__ = ["calibration_batches", "quantize_onnx"]

@@ -33,11 +33,8 @@ from mbexport.export import convert_graph_fp16
 from mbexport.export.onnxfile import checked_onnx, readers, save_model
 from mbexport.fsutil import temp_prefix
 from mbexport.manifest import external_data_name
+from mbexport.precisions import CALIBRATION_METHODS, made_by
 from mbexport.quantize.weights import store_weights_quantized
-
-MODES = ("int8", "fp8")
-FORMAT = 2  # what quantize_onnx writes for the same inputs; 2: weights stored int8 / fp8 (build's cache key)
-METHODS = ("max", "entropy")
 
 
 def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "int8",
@@ -47,10 +44,10 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
     ``calibration`` is a list of feed dicts (see ``calibration_batches``); activation ranges are their
     ``method`` statistic: ``max`` (absolute maximum) or ``entropy`` (KL-divergence threshold).
     """
-    if mode not in MODES:
-        raise MbexportError(f"cannot quantize to '{mode}'; choose one of: {', '.join(MODES)}")
-    if method not in METHODS:
-        raise MbexportError(f"unknown calibration method '{method}'; choose one of: {', '.join(METHODS)}")
+    if mode not in made_by("quantize"):
+        raise MbexportError(f"cannot quantize to '{mode}'; choose one of: {', '.join(made_by('quantize'))}")
+    if method not in CALIBRATION_METHODS:
+        raise MbexportError(f"unknown calibration method '{method}'; choose one of: {', '.join(CALIBRATION_METHODS)}")
     if not calibration:
         raise MbexportError("no calibration batches", fp32_onnx)
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)

@@ -35,7 +35,7 @@ def load_reference(manifest: Manifest, task: str | Task) -> MegatronBert:
     checkpoint = load_checkpoint(path)
     if manifest.config and json.loads(json.dumps(checkpoint.config.to_hf_dict())) != manifest.config:
         raise MbexportError("the manifest's config does not match the checkpoint's", manifest.root)
-    state_dict = dict(checkpoint.state_dict)
+    state_dict = dict(checkpoint.weights_for(task))
     for weights in manifest.find(task.name, kind="weights"):
         from safetensors.torch import load_file
 
