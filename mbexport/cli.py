@@ -318,8 +318,8 @@ def run_command(
     result = answer(artifacts, task, {k: v for k, v in fields.items() if v is not None}, backend=backend,
                     precision=precision, vocab=vocab, top_k=top_k, device=device)
     source = result["artifact"] or "the PyTorch reference rebuilt from the checkpoint"
-    err_console.print(f"{result['task']}: {result['backend']}, {result['precision']}, {source}", highlight=False,
-                      soft_wrap=True, markup=False)
+    err_console.print(f"{result['task']}: {result['backend']} on {result['device']}, {result['precision']}, {source}",
+                      highlight=False, soft_wrap=True, markup=False)
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:

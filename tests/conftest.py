@@ -1,9 +1,33 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the one rule (and wording) for skipping tests that need TensorRT or a CUDA GPU."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+NEEDS = ("tensorrt", "gpu")  # the markers (pyproject.toml); a marked test runs only where missing() is None
+
+
+def missing(need: str) -> str | None:
+    """Why a test marked ``tensorrt`` or ``gpu`` cannot run on this machine (its skip reason), or None."""
+    if need == "tensorrt":
+        from mbexport.engine import tensorrt_available
+
+        return None if tensorrt_available() else ("needs TensorRT, not installed here (pip install tensorrt-cu12 "
+                                                  "from NVIDIA's index, on a GPU machine)")
+    import onnxruntime
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU, none visible to PyTorch here"
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "needs a CUDA GPU, none visible to ONNX Runtime here (pip install onnxruntime-gpu)"
+    return None
+
+
+def pytest_runtest_setup(item):
+    for need in NEEDS:
+        if item.get_closest_marker(need) is not None and (reason := missing(need)):
+            pytest.skip(reason)
 
 
 def random_megatron_bert(config, seed: int = 0):
