@@ -1,15 +1,21 @@
-"""Shared fixtures, and the one rule (and wording) for skipping tests that need TensorRT or a CUDA GPU."""
+"""Shared fixtures, and the one rule (and wording) for skipping tests that need TensorRT, a CUDA GPU or Model
+Optimizer."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-NEEDS = ("tensorrt", "gpu")  # the markers (pyproject.toml); a marked test runs only where missing() is None
+NEEDS = ("tensorrt", "gpu", "quant")  # the markers (pyproject.toml); a marked test runs only where missing() is None
 
 
 def missing(need: str) -> str | None:
-    """Why a test marked ``tensorrt`` or ``gpu`` cannot run on this machine (its skip reason), or None."""
+    """Why a test marked ``tensorrt``, ``gpu`` or ``quant`` cannot run on this machine (its skip reason), or None."""
+    if need == "quant":
+        import importlib.util
+
+        return None if importlib.util.find_spec("modelopt") else ("needs NVIDIA Model Optimizer, not installed here "
+                                                                  "(pip install 'mbexport[quant]')")
     if need == "tensorrt":
         from mbexport.engine import tensorrt_available
 

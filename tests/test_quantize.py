@@ -24,9 +24,6 @@ from mbexport.validate import validate_artifact
 QA = get_task("qa")
 LINES = [f"the {w} of line {i} was read by the model" for i, w in enumerate(
     "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth".split())]
-needs_modelopt = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("modelopt") is None,
-    reason="NVIDIA Model Optimizer is not installed (pip install 'mbexport[quant]')")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +51,7 @@ def quantized(example, tmp_path_factory):
     return manifest
 
 
-@needs_modelopt
+@pytest.mark.quant
 def test_the_fp32_input_is_left_as_it_was(quantized):
     """Model Optimizer rewrites its input file in place: it must only ever see a copy."""
     fp32 = quantized.find(QA.name, "fp32", "onnx")[0]
@@ -62,7 +59,7 @@ def test_the_fp32_input_is_left_as_it_was(quantized):
     assert [p.name for p in quantized.path_of(fp32).parent.iterdir() if p.name.startswith(".")] == []  # no tmp
 
 
-@needs_modelopt
+@pytest.mark.quant
 @pytest.mark.parametrize("mode, zero_point", [("int8", "int8"), ("fp8", "float8_e4m3fn")])
 def test_qdq_placement_is_tensorrts(quantized, mode, zero_point):
     model = onnx.load(str(quantized.path_of(quantized.find(QA.name, mode, "onnx")[0])))
@@ -106,7 +103,7 @@ def test_qdq_placement_is_tensorrts(quantized, mode, zero_point):
         producer.get(x) is not None and producer[x].op_type == "DequantizeLinear" for x in head[0].input)
 
 
-@needs_modelopt
+@pytest.mark.quant
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_quantized_qa_agrees_with_the_reference(quantized, mode):
     result = validate_artifact(quantized, quantized.find(QA.name, mode, "onnx")[0])
@@ -148,7 +145,7 @@ def test_folding_computes_quantize_linear_exactly_as_onnx_runtime(zero_point):
     assert len(np.unique(folded.view(np.uint8))) >= 250  # the whole range was exercised
 
 
-@needs_modelopt
+@pytest.mark.quant
 def test_weights_are_stored_quantized_and_every_output_is_unchanged(quantized, monkeypatch):
     """The int8 / fp8 files store each quantized weight in one byte; the same graph with fp16 weights and
     their QuantizeLinear (the fold switched off) gives bitwise the same outputs in ONNX Runtime."""
@@ -203,7 +200,7 @@ def test_identical_initializers_are_stored_once():
     assert np.array_equal(got, expected)
 
 
-@needs_modelopt
+@pytest.mark.quant
 def test_not_an_onnx_file_is_refused(tmp_path):
     bad = tmp_path / "model.fp32.onnx"
     bad.write_bytes(b"not onnx")
@@ -211,7 +208,7 @@ def test_not_an_onnx_file_is_refused(tmp_path):
         quantize_onnx(bad, tmp_path / "model.int8.onnx", calibration=[{}])
 
 
-@needs_modelopt
+@pytest.mark.quant
 def test_a_graph_without_a_trunk_is_refused(tmp_path):
     from onnx import TensorProto, helper
 
@@ -223,7 +220,7 @@ def test_a_graph_without_a_trunk_is_refused(tmp_path):
         quantize_onnx(path, tmp_path / "model.int8.onnx", calibration=[{"x": np.ones((1, 4), np.float32)}])
 
 
-@needs_modelopt
+@pytest.mark.quant
 def test_a_failed_quantization_leaves_nothing_behind(quantized, tmp_path):
     fp32 = quantized.path_of(quantized.find(QA.name, "fp32", "onnx")[0])
     out = tmp_path / "out" / "model.int8.onnx"
