@@ -20,6 +20,7 @@ import torch
 from mbexport.checkpoint import names
 from mbexport.checkpoint.megatron import TRACKER, interleave_qkv, qkv_layout
 from mbexport.config import MegatronBertConfig
+from mbexport.text import VOCAB
 
 ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: members carry no time of writing
 RENAMES_2023 = (("input_layernorm.", "input_norm."), ("post_attention_layernorm.", "post_attention_norm."),
@@ -142,7 +143,7 @@ def make_example(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     the same bytes for the same seed."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab = out_dir / "vocab.txt"
+    vocab = out_dir / VOCAB
     tokens = example_vocab()
     vocab.write_text("\n".join(tokens) + "\n", encoding="utf-8")
     config = example_config(len(tokens))

@@ -18,6 +18,7 @@ from mbexport.checkpoint.safe_load import read_json
 from mbexport.checkpoint.progress import progress
 from mbexport.config import MegatronBertConfig
 from mbexport.errors import CheckpointError, first_line
+from mbexport.text import CLS, MASK, PAD, SEP, UNK, VOCAB
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SAFETENSORS_DTYPES = {
@@ -25,8 +26,8 @@ SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                  "mask_token": "[MASK]"}
+# Hugging Face's names for BERT's special tokens (tokenizer_config.json, special_tokens_map.json)
+SPECIAL_TOKENS = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}
 
 
 def is_hf_folder(folder: Path) -> bool:
@@ -143,7 +144,7 @@ def write_tokenizer(folder: Path, vocab: Path, *, lowercase: bool, max_length: i
     missing = [t for t in SPECIAL_TOKENS.values() if t not in tokens]
     if missing:
         raise CheckpointError(f"vocab lacks the special tokens {', '.join(missing)}", vocab)
-    shutil.copyfile(vocab, folder / "vocab.txt")
+    shutil.copyfile(vocab, folder / VOCAB)
     tokenizer_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
                         "model_max_length": max_length, **SPECIAL_TOKENS}
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")

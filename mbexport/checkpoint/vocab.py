@@ -17,8 +17,9 @@ from mbexport.checkpoint.huggingface import is_hf_folder
 from mbexport.checkpoint.megatron import SHARD_DIR, TRACKER, read_tracker
 from mbexport.checkpoint.safe_load import read_json
 from mbexport.errors import CheckpointError
+from mbexport.text import VOCAB
 
-VOCAB_FILES = ("vocab.txt", "tokenizer.json")  # in order of preference
+VOCAB_FILES = (VOCAB, "tokenizer.json")  # in order of preference
 TOKENIZER_FOLDER = "tokenizer"  # Megatron-LM's, inside the iteration folder
 
 
@@ -50,13 +51,13 @@ def resolved_vocab(src: str | Path, vocab: str | Path | None, log: Callable[[str
     if own is None:
         yield None
         return
-    tokens = wordpiece_tokens(own) if own.name != "vocab.txt" else None
+    tokens = wordpiece_tokens(own) if own.name != VOCAB else None
     log(f"vocab: {own} (the checkpoint's own; --vocab overrides it)")
     if tokens is None:
         yield own
         return
     with tempfile.TemporaryDirectory(prefix="mbexport-vocab-") as folder:
-        path = Path(folder) / "vocab.txt"
+        path = Path(folder) / VOCAB
         path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
         yield path
 

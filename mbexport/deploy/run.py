@@ -21,11 +21,10 @@ from mbexport.manifest import Artifact, Manifest
 from mbexport.precisions import EXPORTED, RUNTIMES, get_precision
 from mbexport.runtime import ort_session, providers
 from mbexport.tasks import TASKS, Task, get_task
-from mbexport.text import load_tokenizer
+from mbexport.text import VOCAB, load_tokenizer
 
 BACKENDS = (*RUNTIMES, "pytorch")  # the runtimes of built artifacts, and the checkpoint's reference
 KINDS = {name: runtime.kind for name, runtime in RUNTIMES.items()}
-VOCAB = "vocab.txt"
 DEFAULT_SEQUENCE = 384  # without an engine's profiles: the default engine profile's max (SQuAD's usual length)
 PAD_LENGTHS = (16, 32, 64, 128, 256)  # shorter lengths a padded request may take below the longest
 SOURCE = ("task", "backend", "device", "precision", "artifact")  # an answer's fields saying where it came from
