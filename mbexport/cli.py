@@ -76,22 +76,22 @@ def _os_error(error: OSError) -> str:
 def convert_command(
     src: str = typer.Argument(..., help="Checkpoint: NGC zip, Megatron folder or .pt, torch_dist folder, HF folder."),
     out: str = typer.Option(..., "--out", help="Output Hugging Face folder (written atomically)."),
-    vocab: str | None = typer.Option(None, "--vocab", help="BERT WordPiece vocab.txt to add tokenizer files."),
+    vocab: str | None = typer.Option(None, "--vocab", help="BERT WordPiece vocab.txt to add tokenizer files "
+                                                           "(default: the checkpoint's own, if it has one)."),
     lowercase: bool = typer.Option(True, "--lowercase/--no-lowercase", help="Tokenizer lowercasing (uncased models)."),
     num_heads: int | None = typer.Option(None, "--num-heads", help="Attention heads when args are missing "
                                                                    "(default hidden/64)."),
     overwrite: bool = _overwrite_option(),
 ):
     """Convert a checkpoint to a Hugging Face MegatronBert folder (config.json, model.safetensors, tokenizer)."""
-    from pathlib import Path
-
     from mbexport.checkpoint import load_checkpoint, save_hf_folder
+    from mbexport.checkpoint.vocab import resolved_vocab
     from mbexport.fsutil import check_output
 
     check_output(out, overwrite=overwrite, sources=(src, vocab))  # before the (slow) read
-    ckpt = load_checkpoint(src, num_attention_heads=num_heads)
-    folder = save_hf_folder(ckpt, out, vocab=Path(vocab) if vocab else None, lowercase=lowercase,
-                            overwrite=overwrite)
+    with resolved_vocab(src, vocab, terminal.line) as vocab:
+        ckpt = load_checkpoint(src, num_attention_heads=num_heads)
+        folder = save_hf_folder(ckpt, out, vocab=vocab, lowercase=lowercase, overwrite=overwrite)
     terminal.line(f"{ckpt.format} checkpoint -> {folder} ({ckpt.num_parameters:,} parameters, heads: "
                   f"{', '.join(ckpt.heads)})")
 
@@ -108,11 +108,15 @@ def inspect_command(
     from rich.table import Table
 
     from mbexport.checkpoint import load_checkpoint
+    from mbexport.checkpoint.vocab import bundled_vocab
 
     ckpt = load_checkpoint(src, num_attention_heads=num_heads)
     c, info = ckpt.config, ckpt.info
+    vocab_file = bundled_vocab(src)
     report = {
-        "path": str(ckpt.path), "format": ckpt.format, "checkpoint_version": info.get("checkpoint_version"),
+        "path": str(ckpt.path), "format": ckpt.format, "megatron_ckpt_format": info.get("ckpt_format"),
+        "args_source": info.get("args_source"), "integrity": info.get("integrity"),
+        "checkpoint_version": info.get("checkpoint_version"),
         "tensor_parallel": info.get("tensor_parallel"), "pipeline_parallel": info.get("pipeline_parallel"),
         "iteration": info.get("iteration"),
         "architecture": {"hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
@@ -123,6 +127,8 @@ def inspect_command(
         "vocab": {"padded": info["padded_vocab_size"], "real": info.get("real_vocab_size")},
         "heads": list(ckpt.heads), "dtype": info["dtype"],
         "layer_norm_eps": c.layer_norm_eps, "layer_norm_eps_source": info["layer_norm_eps_source"],
+        "vocab_file": str(vocab_file) if vocab_file else None,
+        "fp8_scaling_ignored": info.get("fp8_scaling_ignored", False),
     }
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -133,7 +139,8 @@ def inspect_command(
             value = ", ".join(f"{k}={'unknown' if v is None else v}" for k, v in value.items())
         elif isinstance(value, list):
             value = ", ".join(value)
-        table.add_row(key, "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value))
+        shown = "yes" if value is True else "no" if value is False else "-" if value is None else value
+        table.add_row(key, f"{shown:,}" if isinstance(shown, int) else str(shown))
     console.print(table)
 
 
@@ -146,7 +153,7 @@ def example_command(
     """Write the built-in example: a tiny random Megatron-BERT as an NGC-layout zip, and its vocab.txt."""
     from pathlib import Path
 
-    from mbexport.checkpoint.synthetic import make_example
+    from mbexport.checkpoint.example import make_example
     from mbexport.fsutil import atomic_dir
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -170,21 +177,24 @@ def export_command(
                                         help=f"{' and/or '.join(made_by('export'))} (repeat or comma list)."),
     init_missing_head: int | None = typer.Option(None, "--init-missing-head", metavar="SEED",
                                                  help="Seed random weights for a head the checkpoint lacks."),
-    vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt to copy beside the artifacts."),
+    vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt to copy beside the artifacts "
+                                                           "(default: the checkpoint's own, if it has one)."),
     opset: int = typer.Option(OPSET, "--opset", help=f"ONNX opset ({OPSET}+: native LayerNormalization)."),
     overwrite: bool = _overwrite_option(),
 ):
     """Export one task head to ONNX (fp32, optionally a strongly typed fp16) and record it in the manifest."""
+    from mbexport.checkpoint.vocab import resolved_vocab
     from mbexport.export import export
     from mbexport.fsutil import output_folder
     from mbexport.manifest import MANIFEST
     from mbexport.text import load_tokenizer
 
-    if vocab is not None:
-        load_tokenizer(vocab)
-    with output_folder(out, overwrite=overwrite, sources=(src, vocab), marker=MANIFEST, log=terminal.line):
-        manifest = export(src, task, out, precisions=_names(precision), init_missing_head=init_missing_head,
-                          vocab=vocab, opset=opset)
+    with resolved_vocab(src, vocab, terminal.line) as vocab:
+        if vocab is not None:
+            load_tokenizer(vocab)
+        with output_folder(out, overwrite=overwrite, sources=(src, vocab), marker=MANIFEST, log=terminal.line):
+            manifest = export(src, task, out, precisions=_names(precision), init_missing_head=init_missing_head,
+                              vocab=vocab, opset=opset)
     for artifact in manifest.artifacts:
         console.print(f"{artifact.kind:8} {artifact.precision:5} {artifact.path}  {artifact.sha256[:12]}")
 
@@ -308,8 +318,8 @@ def run_command(
     result = answer(artifacts, task, {k: v for k, v in fields.items() if v is not None}, backend=backend,
                     precision=precision, vocab=vocab, top_k=top_k, device=device)
     source = result["artifact"] or "the PyTorch reference rebuilt from the checkpoint"
-    err_console.print(f"{result['task']}: {result['backend']}, {result['precision']}, {source}", highlight=False,
-                      soft_wrap=True, markup=False)
+    err_console.print(f"{result['task']}: {result['backend']} on {result['device']}, {result['precision']}, {source}",
+                      highlight=False, soft_wrap=True, markup=False)
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
@@ -360,7 +370,7 @@ def build_command(
     calib_size: int | None = typer.Option(None, "--calib-size", help="Calibration examples (default 64)."),
     calib_method: str | None = typer.Option(None, "--calib-method", help="max or entropy (default max)."),
     vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt: copied to the output, tokenizes "
-                                                           "--calib-text."),
+                                                           "--calib-text (default: the checkpoint's own, if any)."),
     init_missing_head: int | None = typer.Option(None, "--init-missing-head", help="Seed for a head the checkpoint "
                                                                                    "lacks (random weights)."),
     device: str = typer.Option("cpu", "--device", help="Validation device: cpu, cuda or auto."),
@@ -369,8 +379,9 @@ def build_command(
     """Checkpoint to validated artifacts: ONNX export, fp16/int8/fp8, TensorRT engine; unchanged stages are cached."""
     from pathlib import Path
 
-    from mbexport.errors import ValidationFailed
     from mbexport.build import build
+    from mbexport.checkpoint.vocab import resolved_vocab
+    from mbexport.errors import ValidationFailed
     from mbexport.recipes import Recipe, load_recipe
 
     if recipe is not None:
@@ -383,8 +394,9 @@ def build_command(
                          calib_text=Path(calib_text) if calib_text else None, calib_size=calib_size,
                          calib_method=calib_method)
     try:
-        result = build(src, plan, vocab=vocab, init_missing_head=init_missing_head, device=device,
-                       overwrite=overwrite, log=terminal.line, busy=terminal.StageDisplay().busy)
+        with resolved_vocab(src, vocab, terminal.line) as vocab:
+            result = build(src, plan, vocab=vocab, init_missing_head=init_missing_head, device=device,
+                           overwrite=overwrite, log=terminal.line, busy=terminal.StageDisplay().busy)
     except ValidationFailed as error:
         console.print(error.report.table())
         raise

@@ -66,7 +66,7 @@ class HeadModule:
     (row, choice) pairs with one output for multiple choice; ``modules_in`` tells them apart.
     """
 
-    group: str  # its weights' group in checkpoint.names.expected_shapes (and synthetic checkpoints' heads=)
+    group: str  # its weights' group in checkpoint.names.expected_shapes (and the test checkpoints' heads=)
     name: str  # Hugging Face module path: qa_outputs, cls.predictions
     kind: str  # linear: hidden -> width; lm: BERT's LM prediction head (dense, GELU, LayerNorm, tied decoder)
     reads: str  # tokens: every position's hidden state; rows: one vector per row (the pooled [CLS])

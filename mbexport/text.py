@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mbexport.deploy.serving import CLS, PAD, SEP, UNK, encode, wordpiece
+from mbexport.deploy.serving import CLS, MASK, PAD, SEP, UNK, VOCAB, encode, wordpiece
 from mbexport.errors import MbexportError
 
-__all__ = ["encode", "load_tokenizer", "read_lines"]
+__all__ = ["CLS", "MASK", "PAD", "SEP", "UNK", "VOCAB", "encode", "load_tokenizer", "read_lines"]
 
 
 def load_tokenizer(vocab: str | Path, lowercase: bool = True):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mbexport.build import build
-from mbexport.checkpoint.synthetic import make_example
+from mbexport.checkpoint.example import make_example
 from mbexport.config import MegatronBertConfig
 from mbexport.deploy.run import answer
 from mbexport.deploy.triton import write_repository

@@ -2,8 +2,8 @@
 
 Readers rename a checkpoint's keys to *canonical* names (Megatron-LM's 2020 names without the
 ``language_model.{embedding,transformer}.`` prefixes, e.g. ``layers.3.attention.query_key_value.weight``),
-merge tensor-parallel ranks there, then map to Hugging Face MegatronBert names. Writers in
-``synthetic.py`` walk the same tables backwards, so one table serves both directions.
+merge tensor-parallel ranks there, then map to Hugging Face MegatronBert names. The example writer
+(``example.py``) and the tests' writers walk the same tables backwards, so one table serves both directions.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ TP_SPLIT_DIM = {
     "mlp.dense_h_to_4h.weight": 0, "mlp.dense_h_to_4h.bias": 0, "lm_head.bias": 0,
     "attention.dense.weight": 1, "mlp.dense_4h_to_h.weight": 1,
 }
-LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+LAYER = re.compile(r"^layers\.([0-9]{1,6})\.(.+)$")
 
 # Hugging Face keys that are not parameters of their own: the decoder is tied to the word embeddings.
 HF_DROPPED = re.compile(r"^cls\.predictions\.decoder\.|(^|\.)position_ids$")

@@ -19,15 +19,15 @@ from mbexport.engine import tensorrt_available, trt_runner
 from mbexport.errors import MbexportError
 from mbexport.manifest import Artifact, Manifest
 from mbexport.precisions import EXPORTED, RUNTIMES, get_precision
-from mbexport.runtime import ort_session
+from mbexport.runtime import ort_session, providers
 from mbexport.tasks import TASKS, Task, get_task
-from mbexport.text import load_tokenizer
+from mbexport.text import VOCAB, load_tokenizer
 
 BACKENDS = (*RUNTIMES, "pytorch")  # the runtimes of built artifacts, and the checkpoint's reference
 KINDS = {name: runtime.kind for name, runtime in RUNTIMES.items()}
-VOCAB = "vocab.txt"
 DEFAULT_SEQUENCE = 384  # without an engine's profiles: the default engine profile's max (SQuAD's usual length)
 PAD_LENGTHS = (16, 32, 64, 128, 256)  # shorter lengths a padded request may take below the longest
+SOURCE = ("task", "backend", "device", "precision", "artifact")  # an answer's fields saying where it came from
 
 
 def sequence_length(config: MegatronBertConfig, artifact: Artifact | None) -> int:
@@ -88,9 +88,9 @@ def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backen
         raise MbexportError(str(error)) from None
     with _runner(manifest, task, used, artifact, device) as runner:
         outputs = {name: np.asarray(value) for name, value in runner.infer(feed).items()}
-    result = pipeline.answers(feed, outputs)[0]
-    return {"task": task.name, "backend": used, "precision": artifact.precision if artifact else EXPORTED,
-            "artifact": artifact.path if artifact else None, **result}
+    source = (task.name, used, _device(used, device), artifact.precision if artifact else EXPORTED,
+              artifact.path if artifact else None)
+    return {**dict(zip(SOURCE, source)), **pipeline.answers(feed, outputs)[0]}
 
 
 def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str | None = None
@@ -126,6 +126,13 @@ def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str
             return name, pick
         reasons.append(f"no {KINDS[name]}{f' {precision}' if precision else ''} artifact (built: {describe(own)})")
     raise MbexportError(f"cannot run {task.name} with --backend {backend}: {'; '.join(reasons)}", manifest.root)
+
+
+def _device(backend: str, device: str) -> str:
+    """Where the backend runs: TensorRT on the GPU, the reference on the CPU, ONNX Runtime where --device put it."""
+    if backend == "onnxruntime":
+        return "cuda" if providers(device)[0] == "CUDAExecutionProvider" else "cpu"
+    return "cuda" if backend == "tensorrt" else "cpu"
 
 
 def describe(artifacts: list[Artifact]) -> str:

@@ -15,7 +15,6 @@ read it), and renamed into place.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -72,14 +71,7 @@ def write_repository(artifacts: str | Path, repo: str | Path, *, tasks: list[str
                     if task.serving else None)
             names += head.write(tmp, text)
         (tmp / MARKER).write_text(json.dumps({"artifacts": str(manifest.root.resolve()), "models": names}, indent=2))
-        tmp.chmod(0o777 & ~_umask())  # a temporary folder is private; everything inside already follows the umask
     return names
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _heads(manifest: Manifest, tasks: list[str] | None, precisions: list[str] | None) -> list[tuple[Task, Artifact]]:

@@ -15,9 +15,9 @@ from mbexport.manifest import MANIFEST, Manifest
 from mbexport.model import build_reference
 from mbexport.precisions import EXPORTED, OPSET, get_precision, made_by
 from mbexport.tasks import Task, get_task
+from mbexport.text import VOCAB
 
 SEEDED_HEAD = "seeded-head.safetensors"
-VOCAB = "vocab.txt"
 
 
 def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisions=(EXPORTED,),

@@ -26,13 +26,14 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
     import onnx
 
     model = onnx.load(str(fp32_path))
-    _convert(model.graph)
+    convert_graph_fp16(model.graph)
     with checked_onnx(out_path) as staged:
         save_model(model, staged)
     return Path(out_path)
 
 
-def _convert(graph) -> None:
+def convert_graph_fp16(graph) -> None:
+    """``convert_fp16`` on a GraphProto in memory, for stages that rewrite it further before writing it."""
     from onnx import TensorProto, helper
 
     FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
