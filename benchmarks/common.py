@@ -77,9 +77,10 @@ def child(argv: list[str]) -> str:
 def environment() -> dict:
     from mbexport.bench.timing import cpu_name
     from mbexport.manifest import library_versions
+    from mbexport.runtime import CPU_FLAGS, cpu_flags
 
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(),
-            "cores": os.cpu_count(), "platform": platform.platform(), **library_versions(),
+            "cpu_flags": " ".join(cpu_flags()) or f"none of {', '.join(CPU_FLAGS)}", "cores": os.cpu_count(), "platform": platform.platform(), **library_versions(),
             "transformers": _version("transformers")}
 
 

@@ -3,11 +3,12 @@
     python benchmarks/cpu_latency.py [--work /tmp/mbexport-bench] [--warmup 3] [--iters 20]
 
 Runners, each in a fresh process with the same realistic feed (``mbexport.inputs.sample_batch``):
-our fp32 ONNX on ORT CPU (plain, and its ORT-only fused-operator variant), our PyTorch reference
+our fp32 ONNX on ORT CPU (shaped for TensorRT, and shaped for ONNX Runtime), our PyTorch reference
 (scaled_dot_product_attention), transformers' eager model,
 a plain transformers ``torch.onnx.export`` on ORT CPU, and, when the quantize stage is present, our int8
 Q/DQ artifact twice: as mbexport runs it (exact Q/DQ emulation) and with ORT's default optimizations (its
-integer kernels: what a CPU deployment would use). Reuses the checkpoint and exports of ``export.py``.
+integer kernels). Reuses the checkpoint and exports of ``export.py``. Our int8 shaped for ONNX Runtime
+against ``quantize_dynamic`` is ``ort_int8.py``.
 Target (issue 6): ours no slower than the plain ONNX export (539 ms on the 2-core reference machine).
 """
 
@@ -24,7 +25,7 @@ from export import OURS, TRANSFORMERS
 RUNNERS = {
     "ours-ort": "mbexport fp32 ONNX, ORT CPU",
     "ours-torch": "mbexport PyTorch reference (sdpa), fp32",
-    "ours-ort-fused": "mbexport fp32 ONNX with ORT's fused ops (ORT-only variant), ORT CPU",
+    "ours-ort-fused": "mbexport fp32 ONNX shaped for ONNX Runtime (build --runtime onnxruntime), ORT CPU",
     "hf-torch": "transformers MegatronBert eager, fp32",
     "hf-ort": "plain transformers ONNX export, ORT CPU",
     "ours-int8-exact": "mbexport int8 Q/DQ ONNX, ORT CPU, exact Q/DQ (as validated)",
@@ -49,13 +50,13 @@ def time_one(name: str, work, warmup: int, iters: int) -> dict:
     if name == "ours-ort":
         timer = ort_timer(ort_session(ours / QA / "model.fp32.onnx"), feed)
     elif name == "ours-ort-fused":
-        from ort_fused import ort_fused_variant
+        from mbexport.precisions import ONNXRUNTIME, get_precision
 
-        fused = work / "ort-fused" / "model.fp32.onnx"
+        shaped = get_precision("fp32", ONNXRUNTIME)
+        fused = work / "ort-fused" / shaped.file_name("onnx")
         if not fused.is_file():
-            ort_fused_variant(ours / QA / "model.fp32.onnx", fused, CONFIG_345M.num_attention_heads,
-                              CONFIG_345M.hidden_size, fp16=False)
-        timer = ort_timer(ort_session(fused), feed)
+            shaped.transform(ours / QA / "model.fp32.onnx", fused)
+        timer = ort_timer(ort_session(fused, shaped_for=ONNXRUNTIME), feed)
     elif name == "ours-torch":
         from mbexport.validate import load_reference
 

@@ -83,7 +83,7 @@ PRECISIONS: dict[tuple[str, str], Precision] = {
         Precision("fp8", "quantize", "quantize", "placing Q/DQ with Model Optimizer", QDQ, QUANTIZED_TOLERANCES,
                   calibrated=True, extra="quant", min_capability=(8, 9), math="fp8"),  # Ada, Hopper
         # Shaped for ONNX Runtime (export/ort.py): its fused attention (any padding, no causal mask) and GELU;
-        # fp16, meant for CUDA, also SkipLayerNormalization (on the CPU slower than LayerNormalization and an Add)
+        # fp16 through the same fp16 pass as TensorRT's, for ORT's CUDA provider
         Precision("fp32", "export", "fuse", "rewriting attention to ONNX Runtime's fused operators",
                   Ref("mbexport.export.ort:fuse_for_ort"), FP32_TOLERANCES, torch_dtype="float32",
                   runtime=ONNXRUNTIME),

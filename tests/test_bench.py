@@ -242,7 +242,7 @@ def bench_report(batches, sequences, runners, tasks=("question-answering",)):
              "sequences_per_s": 1000 * 128 / (ms * sequence)}
             for task in tasks for (backend, precision), ms in runners.items() for batch in batches
             for sequence in sequences]
-    return {"created": "2026-12-03T10:00:00+00:00", "device": {"cpu": "Some CPU", "cpu_count": 2, "gpu": None},
+    return {"created": "2026-12-03T10:00:00+00:00", "device": {"cpu": "Some CPU", "cpu_count": 2, "cpu_flags": ["avx2", "avx512_vnni"], "gpu": None},
             "versions": {"onnxruntime": "1.32.0", "torch": "2.13.0"}, "config": {"hidden_size": 64,
             "num_hidden_layers": 2}, "settings": {"tasks": list(tasks), "iters": 10, "warmup": 2}, "results": rows}
 
@@ -257,6 +257,7 @@ def test_the_plot_says_what_was_measured_where_and_in_what_units():
     assert len(set(titles)) == 4 and titles[0] == "question-answering: p50 latency"
     title = drawn.get_suptitle()
     assert "Some CPU" in title and "hidden 64, 2 layers" in title and "p50 of 10 timed runs" in title
+    assert "avx2 avx512_vnni" in title  # CPU figures come with the CPU's flags
     assert [axis.get_ylabel() for axis in axes[:2]] == ["p50 latency (ms)", "throughput (sequences/s)"]
     assert all(axis.get_xlabel() == "batch size (sequences)" for axis in axes)
     # a line per runner and sequence length, each through every batch size; one legend, outside the panels

@@ -130,22 +130,70 @@ def test_int8_runs_on_onnx_runtimes_integer_kernels(built, tmp_path):
     path = manifest.path_of(shaped(manifest, "int8"))
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert {"QAttention", "MatMulIntegerToFloat", "QuantizeLinear"} <= ops and "DequantizeLinear" not in ops
-    assert emulates_qdq(ort_session(path, shaped_for=DEFAULT_RUNTIME))  # TensorRT's files: exact emulation
-    assert not emulates_qdq(ort_session(path, shaped_for=ONNXRUNTIME))
+    assert config(ort_session(path, shaped_for=DEFAULT_RUNTIME), "session.disable_quant_qdq") == "1"  # emulated
+    ours = ort_session(path, shaped_for=ONNXRUNTIME)
+    assert config(ours, "session.disable_quant_qdq") is None
     import onnxruntime as ort  # what ONNX Runtime really runs, after its own graph optimizations
 
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     ran = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    assert ran.count("QAttention") == 2 and ran.count("MatMulIntegerToFloat") == 6  # 2 layers x (QKV; out, up, down)
+    assert ran.count("QAttention") == 2 and ran.count("MatMulIntegerToFloat") == 6  # 2 layers: QKV; out, up, down
 
 
-def emulates_qdq(session) -> bool:
+def test_int8_gives_a_row_the_same_numbers_whatever_it_is_batched_with(built):
+    """Calibrated activation ranges: a row alone and the same row padded in a batch with a longer, different row
+    (what Triton's dynamic batcher does) get the same outputs at its positions. Ranges taken at run time (ORT's
+    quantize_dynamic) would quantize the row with the batch's range and change them."""
+    manifest = Manifest.load(built[2])
+    config = MegatronBertConfig.from_hf_dict(manifest.config)
+    session = ort_session(manifest.path_of(shaped(manifest, "int8")), shaped_for=ONNXRUNTIME)
+    alone = sample_batch(get_task(QA), config, 1, 20, seed=4)
+    other = sample_batch(get_task(QA), config, 1, 32, seed=5)
+    other["input_ids"][:] = config.vocab_size - 1 - other["input_ids"]  # different tokens, other activations
+    batched = {name: np.concatenate([np.pad(alone[name], ((0, 0), (0, 12))), other[name]]) for name in alone}
+    for got, want in zip(session.run(None, batched), session.run(None, alone)):
+        np.testing.assert_allclose(got[:1, :20], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("machine, flags, exact_u8u8", [
+    ("x86_64", ("avx2", "avx512f"), True),  # VPMADDUBSW's 16-bit pair sums saturate: ORT's u8 x u8 instead
+    ("x86_64", (), True),  # flags unknown: the exact way
+    ("x86_64", ("avx2", "avx512f", "avx512_vnni"), False),  # VNNI sums in 32 bits; u8 x u8 has no VNNI kernel
+    ("x86_64", ("avx2", "avx_vnni"), False),
+    ("aarch64", (), False),  # x86 only
+])
+def test_u8_by_u8_only_where_u8_by_s8_can_saturate(built, monkeypatch, machine, flags, exact_u8u8):
+    import mbexport.runtime as runtime
+
+    monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
+    manifest = Manifest.load(built[2])
+    session = ort_session(manifest.path_of(shaped(manifest, "int8")), shaped_for=ONNXRUNTIME)
+    assert config(session, "session.x64quantprecision") == ("1" if exact_u8u8 else None)
+
+
+def test_u8_by_u8_gives_the_integer_kernels_numbers(built):
+    """Both ways are exact integer products here when this CPU has VNNI; without it, u8 x s8 may saturate and
+    the u8 x u8 way is the right one: either way the two agree to float rounding where nothing saturates."""
+    import onnxruntime as ort
+
+    manifest = Manifest.load(built[2])
+    path = manifest.path_of(shaped(manifest, "int8"))
+    feed = sample_batch(get_task(QA), MegatronBertConfig.from_hf_dict(manifest.config), 2, 32, seed=1)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.x64quantprecision", "1")
+    forced = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for got, want in zip(ort_session(path, shaped_for=ONNXRUNTIME).run(None, feed), forced.run(None, feed)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def config(session, key: str) -> str | None:
     try:
-        return session.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
+        return session.get_session_options().get_session_config_entry(key)
     except RuntimeError:  # ONNX Runtime's way of saying the entry is not set
-        return False
+        return None
 
 
 def test_causal_heads_are_refused_in_one_line(built, cli, tmp_path):

@@ -24,7 +24,7 @@ from mbexport.fsutil import write_json_atomic
 from mbexport.inputs import sample_batch
 from mbexport.manifest import Artifact, Manifest, library_versions
 from mbexport.precisions import EXPORTED, NAMES, get_precision
-from mbexport.runtime import ort_session
+from mbexport.runtime import cpu_flags, ort_session
 from mbexport.tasks import Task, get_task
 
 __all__ = ["BACKENDS", "Settings", "bench", "default_settings", "dense_peak", "model_flops", "plot", "summary"]
@@ -76,7 +76,7 @@ def bench(root: str | Path, *, task: str | None = None, backends: tuple[str, ...
     report = {
         "schema": 1,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "gpu": gpu},
+        "device": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "cpu_flags": list(cpu_flags()), "gpu": gpu},
         "versions": library_versions(),
         "settings": {**asdict(settings), "backends": list(backends), "tasks": [t.name for t in tasks]},
         "config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",

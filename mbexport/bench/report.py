@@ -125,7 +125,8 @@ STYLES = ("-", "--", ":", "-.")  # one per sequence length, when lines run acros
 def _title(report: dict, batches: list[int], sequences: list[int], across: str | None) -> str:
     """What ran where: the model, the device, the timing protocol, the versions and the date."""
     config, settings, device, versions = report["config"], report["settings"], report["device"], report["versions"]
-    where = device["gpu"] or f"{device['cpu']} ({device['cpu_count']} CPU threads)"
+    flags = f"; {' '.join(device['cpu_flags'])}" if device.get("cpu_flags") else ""  # older reports lack them
+    where = device["gpu"] or f"{device['cpu']} ({device['cpu_count']} CPU threads{flags})"
     shape = (f"sequences of {', '.join(map(str, sequences))} tokens" if across == "batch" else
              f"batch {batches[0]}" if across == "sequence" else
              f"batch {batches[0]} x {sequences[0]} tokens" if batches else "nothing ran")

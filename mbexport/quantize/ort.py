@@ -6,8 +6,10 @@ itself stays fp32 inside it), the others ``MatMulIntegerToFloat`` with their bia
 ORT's ``Gelu``, LayerNorm and the residual adds fp32, and so does everything after the trunk's final
 LayerNorm (the head), as in the TensorRT int8 artifact.
 
-Static, calibrated activation ranges rather than ``quantize_dynamic``'s per-batch ones: measured on the 345M
-QA head (benchmarks/README.md), the same graph with dynamic ranges ran 5-10% slower at the same accuracy on
+Static, calibrated activation ranges rather than ``quantize_dynamic``'s ranges taken at run time: with those, a
+row's numbers depend on what else is in its batch (padding and the other rows widen the range every row is
+quantized with), so Triton's dynamic batcher would change answers; measured on the 345M QA head
+(benchmarks/README.md), the calibrated graph also ran as fast or up to 3% faster, at the same accuracy on
 the trained fixture. Activation ranges are ``max`` (the smallest and largest value seen) or ``entropy`` (ONNX
 Runtime's KL-divergence threshold over histograms), gathered batch by batch so memory stays one batch's
 activations.
@@ -24,12 +26,11 @@ import numpy as np
 
 from mbexport.errors import MbexportError
 from mbexport.export.onnxfile import checked_onnx, readers, save_model
-from mbexport.export.ort import fused_model
+from mbexport.export.ort import MS, fused_model
 from mbexport.fsutil import temp_prefix
 from mbexport.precisions import CALIBRATION_METHODS, ONNXRUNTIME, made_by
 
-QMAX = 127  # symmetric int8 weights in [-127, 127]: the u8 x s8 products of VNNI never saturate
-MS = "com.microsoft"
+QMAX = 127  # symmetric int8 weights in [-127, 127]
 
 
 def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str = "int8",
@@ -47,7 +48,7 @@ def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str =
         raise MbexportError("no calibration batches", fp32_path)
     if not Path(fp32_path).is_file():
         raise MbexportError("ONNX file not found", fp32_path)
-    model = fused_model(fp32_path, skip_layer_norm=False, bias_gelu=False)
+    model = fused_model(fp32_path)
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
     consumers = readers(graph)
@@ -84,6 +85,8 @@ def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str =
                 *([n for n in bias.input if n in weights] if bias is not None else [])], [output], name=name,
                 domain=MS))
         replaced[id(node)] = nodes
+    if not replaced:
+        raise MbexportError("no encoder matmul to quantize: not a Megatron-BERT export", fp32_path)
     nodes = [new for node in graph.node if id(node) not in folded for new in replaced.get(id(node), [node])]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -97,7 +100,7 @@ def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str =
 
 
 def _bias(after: list, output: str, weights: dict, width: int):
-    """The Add that adds a constant [width] bias to a matmul's ``output`` and nothing else reads, or None."""
+    """The Add that adds a constant fp32 [width] bias to a matmul's ``output`` and nothing else reads, or None."""
     from onnx import TensorProto
 
     if len(after) != 1 or after[0].op_type != "Add":
