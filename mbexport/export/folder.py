@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import warnings
@@ -70,14 +71,28 @@ def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisi
 
 
 def source_sha256(path: str | Path) -> str:
-    """A file's sha256, or for a folder the sha256 of its files' relative paths and hashes."""
+    """A file's sha256, or for a folder the sha256 of its files' relative paths and hashes.
+
+    One build asks three times (its cache key, the manifest, the reference's check), so each file's hash is
+    remembered for the process while the file keeps its inode, size and modification time.
+    """
     path = Path(path)
     if path.is_file():
-        return sha256_file(path)
+        return _file_sha256(path)
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{sha256_file(file)}  {file.relative_to(path).as_posix()}\n".encode())
+        digest.update(f"{_file_sha256(file)}  {file.relative_to(path).as_posix()}\n".encode())
     return digest.hexdigest()
+
+
+def _file_sha256(file: Path) -> str:
+    stat = file.stat()
+    return _remembered_sha256(str(file.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _remembered_sha256(path: str, device: int, inode: int, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
 
 
 def _open_manifest(out_dir: Path, checkpoint: Checkpoint) -> Manifest:
