@@ -40,3 +40,117 @@ def test_a_build_hashes_the_checkpoint_once(example, tmp_path, monkeypatch):
     result = build(checkpoint, recipe, out_dir=tmp_path / "out", init_missing_head=0)
     assert result.report is not None and result.report.passed  # it validated against the reference
     assert hashed.count(checkpoint.resolve()) == 1
+
+
+# ---- the fp16 pass: graph without weights, then one weight at a time ------------------------------------------------
+@pytest.fixture(scope="module")
+def fp32_onnx(example, tmp_path_factory):
+    """The example's QA head as fp32 ONNX: one self-contained file, and the same model with external data."""
+    import onnx
+
+    from mbexport.export import export
+
+    checkpoint, _ = example
+    out = tmp_path_factory.mktemp("export")
+    manifest = export(checkpoint, "question-answering", out, init_missing_head=0)
+    inline = manifest.path_of(manifest.find("question-answering", "fp32", "onnx")[0])
+    external = tmp_path_factory.mktemp("external") / "model.fp32.onnx"
+    onnx.save_model(onnx.load(str(inline)), str(external), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    return inline, external
+
+
+def test_fp16_from_external_data_equals_fp16_from_one_file_and_the_in_memory_conversion(fp32_onnx, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from mbexport.export import convert_fp16
+    from mbexport.export.fp16 import FP16_MAX
+
+    inline, external = fp32_onnx
+    from_inline = convert_fp16(inline, tmp_path / "a" / "model.fp16.onnx")
+    from_external = convert_fp16(external, tmp_path / "b" / "model.fp16.onnx")
+    assert from_inline.read_bytes() == from_external.read_bytes()
+    assert sorted(p.name for p in from_external.parent.iterdir()) == ["model.fp16.onnx"]  # < 2 GB: one file
+    # Every weight is the fp32 one, as fp16 (saturated) where the graph computes in fp16, else unchanged.
+    before = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(inline)).graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(from_inline)).graph.initializer}
+    assert before.keys() == after.keys()
+    halved = [name for name, array in after.items() if array.dtype == np.float16]
+    assert len(halved) > 10 and any(before[name].dtype == np.float32 for name in after if name not in halved)
+    for name, array in after.items():
+        want = np.clip(before[name], -FP16_MAX, FP16_MAX).astype(np.float16) if name in halved else before[name]
+        assert array.dtype == want.dtype and array.tobytes() == want.tobytes(), name
+
+
+def test_fp16_over_2gb_keeps_page_aligned_external_data_that_onnx_runtime_runs(fp32_onnx, tmp_path, monkeypatch):
+    import numpy as np
+    import onnx
+
+    import mbexport.export.onnxfile as onnxfile
+    from mbexport.config import MegatronBertConfig
+    from mbexport.export import convert_fp16
+    from mbexport.inputs import sample_batch
+    from mbexport.runtime import ort_session
+    from mbexport.tasks import get_task
+
+    inline, _ = fp32_onnx
+    single = convert_fp16(inline, tmp_path / "single" / "model.fp16.onnx")
+    monkeypatch.setattr(onnxfile, "EXTERNAL_THRESHOLD", 0)  # pretend the tiny model passes 2 GB
+    monkeypatch.setattr(onnxfile, "ALIGN_ABOVE", 4096)
+    split = convert_fp16(inline, tmp_path / "split" / "model.fp16.onnx")
+    assert sorted(p.name for p in split.parent.iterdir()) == ["model.fp16.onnx", "model.fp16.onnx.data"]
+    offsets = [(int(info["offset"]), int(info["length"])) for info in (
+        {e.key: e.value for e in t.external_data} for t in onnx.load(str(split), load_external_data=False).graph.initializer)
+        if info]
+    assert len(offsets) > 10 and all(offset % onnxfile.ALIGNMENT == 0 for offset, length in offsets if length > 4096)
+    task = get_task("question-answering")
+    config = MegatronBertConfig.from_hf_dict(__import__("json").loads(
+        (inline.parent.parent / "manifest.json").read_text())["config"])
+    feed = sample_batch(task, config, 2, 16)
+    for want, got in zip(ort_session(single).run(None, feed), ort_session(split).run(None, feed)):
+        np.testing.assert_array_equal(want, got)
+
+
+def matmul_chain(path: Path, layers: int = 40, width: int = 1024) -> Path:
+    """An fp32 ONNX file of ``layers`` x (MatMul, Add, LayerNormalization), 4 MB per MatMul weight at 1024."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights, x = [], [], "x"
+    for i in range(layers):
+        weights += [numpy_helper.from_array(rng.standard_normal((width, width), dtype=np.float32) * 0.03, f"w{i}"),
+                    numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}"),
+                    numpy_helper.from_array(np.ones(width, np.float32), f"g{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+                  helper.make_node("LayerNormalization", [f"a{i}", f"g{i}", f"b{i}"], [f"x{i}"], axis=-1)]
+        x = f"x{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", width])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(onnx.shape_inference.infer_shapes(model), str(path))  # value types, as exports have
+    return path
+
+
+def peak_growth(code: str) -> int:
+    """Bytes by which a fresh process's peak RSS rises over its RSS while it runs ``code`` (after its imports)."""
+    import subprocess
+    import sys
+
+    probe = ("import gc, re\n"
+             "def status(key): return int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024\n"
+             f"{code.split('#run')[0]}\ngc.collect()\nopen('/proc/self/clear_refs', 'w').write('5')\n"
+             f"before = status('VmRSS')\n{code.split('#run')[1]}\nprint(status('VmHWM') - before)\n")
+    return int(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout)
+
+
+def test_the_fp16_pass_holds_about_one_weight(tmp_path):
+    """The old pass (onnx.load, convert in place, save) rose by twice the model; this one by a few tensors."""
+    model = matmul_chain(tmp_path / "chain.onnx")
+    growth = peak_growth(f"from mbexport.export import convert_fp16\n#run\n"
+                         f"convert_fp16({str(model)!r}, {str(tmp_path / 'out' / 'chain.fp16.onnx')!r})")
+    size = model.stat().st_size  # 168 MB: 40 weights of 4 MB
+    assert growth < 0.15 * size, f"peak RSS rose by {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"

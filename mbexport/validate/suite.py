@@ -176,10 +176,9 @@ def _integrity(manifest: Manifest, artifact: Artifact, overrides: dict | None) -
 
 
 def _references_external_data(path: Path) -> bool:
-    import onnx
+    from mbexport.export.onnxfile import read_weightless
 
-    model = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    return any(weight.external for weight in read_weightless(path)[1])
 
 
 def _runner(manifest: Manifest, artifact: Artifact, device: str):
