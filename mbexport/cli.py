@@ -95,7 +95,7 @@ def convert_command(
     from mbexport.fsutil import check_output
 
     check_output(out, overwrite=overwrite, sources=(src, vocab))  # before the (slow) read
-    ckpt = load_checkpoint(src, num_attention_heads=num_heads)
+    ckpt = load_checkpoint(src, num_attention_heads=num_heads, lazy=True)  # written one tensor at a time
     folder = save_hf_folder(ckpt, out, vocab=Path(vocab) if vocab else None, lowercase=lowercase,
                             overwrite=overwrite)
     terminal.line(f"{ckpt.format} checkpoint -> {folder} ({ckpt.num_parameters:,} parameters, heads: "
@@ -115,7 +115,7 @@ def inspect_command(
 
     from mbexport.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(src, num_attention_heads=num_heads)
+    ckpt = load_checkpoint(src, num_attention_heads=num_heads, lazy=True)  # only shapes and dtypes are read
     c, info = ckpt.config, ckpt.info
     report = {
         "path": str(ckpt.path), "format": ckpt.format, "checkpoint_version": info.get("checkpoint_version"),

@@ -11,6 +11,7 @@ import pytest
 
 from mbexport.build import build
 from mbexport.checkpoint.synthetic import make_example
+from mbexport.manifest import Manifest
 from mbexport.recipes import Recipe
 
 
@@ -106,8 +107,7 @@ def test_fp16_over_2gb_keeps_page_aligned_external_data_that_onnx_runtime_runs(f
         if info]
     assert len(offsets) > 10 and all(offset % onnxfile.ALIGNMENT == 0 for offset, length in offsets if length > 4096)
     task = get_task("question-answering")
-    config = MegatronBertConfig.from_hf_dict(__import__("json").loads(
-        (inline.parent.parent / "manifest.json").read_text())["config"])
+    config = MegatronBertConfig.from_hf_dict(Manifest.load(inline.parent.parent).config)
     feed = sample_batch(task, config, 2, 16)
     for want, got in zip(ort_session(single).run(None, feed), ort_session(split).run(None, feed)):
         np.testing.assert_array_equal(want, got)
@@ -154,3 +154,25 @@ def test_the_fp16_pass_holds_about_one_weight(tmp_path):
                          f"convert_fp16({str(model)!r}, {str(tmp_path / 'out' / 'chain.fp16.onnx')!r})")
     size = model.stat().st_size  # 168 MB: 40 weights of 4 MB
     assert growth < 0.15 * size, f"peak RSS rose by {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
+
+
+# ---- the checkpoint: tensor-parallel merges when a tensor is read ---------------------------------------------------
+@pytest.mark.parametrize("layout", [dict(style="2020", version=0, tp=2), dict(style="2020", version=1.0, tp=4, pp=2),
+                                    dict(style="2021", version=2.0, tp=8), dict(style="mcore-te", version=3.0, tp=4)])
+def test_a_lazy_checkpoint_reads_the_same_tensors_without_making_them_up_front(megatron_bert, layout, tmp_path):
+    import torch
+
+    from mbexport.checkpoint import load_checkpoint
+    from mbexport.checkpoint.lazy import LazyTensors
+    from mbexport.checkpoint.synthetic import write_megatron
+
+    write_megatron(tmp_path, megatron_bert.state_dict, megatron_bert.config, **layout)
+    eager, lazy = load_checkpoint(tmp_path), load_checkpoint(tmp_path, lazy=True)
+    assert isinstance(lazy.state_dict, LazyTensors) and isinstance(eager.state_dict, dict)
+    assert (lazy.config, lazy.info, lazy.heads, lazy.num_parameters) == (eager.config, eager.info, eager.heads,
+                                                                         eager.num_parameters)
+    assert list(lazy.state_dict) == list(eager.state_dict) == list(megatron_bert.state_dict)
+    for name, tensor in megatron_bert.state_dict.items():
+        assert torch.equal(lazy.state_dict[name], tensor) and torch.equal(eager.state_dict[name], tensor), name
+    assert {n: (t.shape, t.dtype) for n, t in lazy.state_dict.meta().items()} == {
+        n: (t.shape, t.dtype) for n, t in eager.state_dict.items()}

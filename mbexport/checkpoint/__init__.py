@@ -8,6 +8,7 @@ Every reader ends in the same ``state_dict`` naming, so the rest of mbexport nev
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from mbexport.checkpoint import names
 from mbexport.checkpoint.dist import is_torch_dist, read_torch_dist
 from mbexport.checkpoint.huggingface import is_hf_folder, read_hf_folder, write_safetensors, write_tokenizer
+from mbexport.checkpoint.lazy import LazyTensors, described
 from mbexport.checkpoint.megatron import (SHARD_DIR, TRACKER, Files, Shard, iteration_folder, load_file, merge_shards,
                                           read_shard, shard_files)
 from mbexport.checkpoint.progress import status
@@ -36,17 +38,22 @@ class Checkpoint:
     path: Path
     format: str  # ngc-zip | megatron-lm | megatron-core | megatron-core-dist | huggingface
     config: MegatronBertConfig
-    state_dict: dict[str, torch.Tensor]  # Hugging Face names with "bert."; no tied decoder, no buffers
+    # Hugging Face names with "bert."; no tied decoder, no buffers. A LazyTensors when loaded ``lazy``.
+    state_dict: Mapping[str, torch.Tensor]
     heads: tuple[str, ...]  # mbexport.tasks names whose weights are all present
     info: dict
 
     @property
     def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.state_dict.values())
+        return sum(t.numel() for t in described(self.state_dict).values())
 
 
-def load_checkpoint(path: str | Path, *, num_attention_heads: int | None = None) -> Checkpoint:
-    """Read ``path`` in whatever layout it has. ``num_attention_heads`` overrides args and the hidden/64 guess."""
+def load_checkpoint(path: str | Path, *, num_attention_heads: int | None = None, lazy: bool = False) -> Checkpoint:
+    """Read ``path`` in whatever layout it has. ``num_attention_heads`` overrides args and the hidden/64 guess.
+
+    ``lazy``: Megatron tensor-parallel merges happen when a tensor is read (see ``LazyTensors``), for callers
+    that take the weights one at a time; the files themselves are memory-mapped where their format allows.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError("no such file or directory", path)
@@ -72,7 +79,7 @@ def load_checkpoint(path: str | Path, *, num_attention_heads: int | None = None)
                       for (tp, pp), name in sorted(found.items())]
         fmt = "ngc-zip" if files.archive else None
     fmt = fmt or ("megatron-core" if shards[0].mcore else "megatron-lm")
-    return _from_megatron(path, fmt, shards, num_attention_heads)
+    return _from_megatron(path, fmt, shards, num_attention_heads, lazy)
 
 
 def _dist_folder(path: Path) -> Path | None:
@@ -94,7 +101,7 @@ def _is_archive(path: Path) -> bool:
         return False
 
 
-def _from_megatron(path: Path, fmt: str, shards: list[Shard], heads_option: int | None) -> Checkpoint:
+def _from_megatron(path: Path, fmt: str, shards: list[Shard], heads_option: int | None, lazy: bool) -> Checkpoint:
     first, last = shards[0], shards[-1]
     args = first.args
     arg = lambda name: getattr(args, name, None)  # noqa: E731 - args is an argparse.Namespace or absent
@@ -112,9 +119,10 @@ def _from_megatron(path: Path, fmt: str, shards: list[Shard], heads_option: int 
             "pipeline_parallel": pp, "virtual_pipeline": len(first.chunks),
             "iteration": first.iteration or last.iteration, "has_args": args is not None,
             "num_attention_heads_source": heads_source}
-    state_dict = merge_shards(shards, heads)
+    state_dict = merge_shards(shards, heads, lazy=lazy)
     layers = 1 + max((int(k.split(".")[3]) for k in state_dict if k.startswith("bert.encoder.layer.")), default=-1)
-    shape = lambda name, dim, default=0: state_dict[name].shape[dim] if name in state_dict else default  # noqa: E731
+    tensors = described(state_dict)
+    shape = lambda name, dim, default=0: tensors[name].shape[dim] if name in tensors else default  # noqa: E731
     config = _config(lambda: MegatronBertConfig(
         vocab_size=shape("bert.embeddings.word_embeddings.weight", 0),
         hidden_size=hidden,
@@ -143,15 +151,18 @@ def _config(build, path: Path) -> MegatronBertConfig:
         raise CheckpointError(f"inconsistent architecture: {error}", path) from None
 
 
-def _finish(path: Path, fmt: str, config: MegatronBertConfig, state_dict: dict, info: dict) -> Checkpoint:
-    state_dict = {name: state_dict[name] for name in names.check_state_dict(state_dict, config, path)}
+def _finish(path: Path, fmt: str, config: MegatronBertConfig, state_dict: Mapping, info: dict) -> Checkpoint:
+    tensors = described(state_dict)  # shapes and dtypes: no lazy tensor is made for them
+    wanted = names.check_state_dict(tensors, config, path)
+    state_dict = (state_dict.selected(wanted) if isinstance(state_dict, LazyTensors)
+                  else {name: state_dict[name] for name in wanted})
     present = set(state_dict)
     has = lambda prefix: any(k.startswith(prefix) for k in present)  # noqa: E731
     heads = tuple(
         task.name for task in TASKS.values()
         if task.name == "model" or all(has(p) for p in task.head_prefixes)
     )
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()})
+    dtypes = sorted({str(tensors[name].dtype).removeprefix("torch.") for name in wanted})
     info = {**info, "dtype": "/".join(dtypes), "padded_vocab_size": config.vocab_size}
     info.setdefault("real_vocab_size", None)
     return Checkpoint(path, fmt, config, state_dict, heads, info)
