@@ -176,3 +176,79 @@ def test_a_lazy_checkpoint_reads_the_same_tensors_without_making_them_up_front(m
         assert torch.equal(lazy.state_dict[name], tensor) and torch.equal(eager.state_dict[name], tensor), name
     assert {n: (t.shape, t.dtype) for n, t in lazy.state_dict.meta().items()} == {
         n: (t.shape, t.dtype) for n, t in eager.state_dict.items()}
+
+
+# ---- export and the reference: the encoder blocks' weights stream from the checkpoint -------------------------------
+@pytest.fixture(scope="module")
+def sharded(megatron_bert, tmp_path_factory):
+    """The conftest model as an fp16 TP=2 Megatron checkpoint (4 blocks), and its fp16 weights."""
+    import torch
+
+    from mbexport.checkpoint.synthetic import write_megatron
+
+    half = {name: tensor.half() for name, tensor in megatron_bert.state_dict.items()}
+    folder = tmp_path_factory.mktemp("tp2")
+    write_megatron(folder, half, megatron_bert.config, style="2021", version=3.0, tp=2)
+    return folder, {name: tensor.to(torch.float32) for name, tensor in half.items()}
+
+
+def test_the_streamed_reference_holds_one_block_and_computes_what_the_whole_model_does(megatron_bert, sharded):
+    import torch
+
+    from mbexport.checkpoint import load_checkpoint
+    from mbexport.model import build_reference
+    from mbexport.tasks import TASKS
+
+    folder, weights = sharded
+    task = TASKS["pretraining"]
+    whole, _ = build_reference(task, megatron_bert.config, weights)
+    streamed, _ = build_reference(task, megatron_bert.config, load_checkpoint(folder, lazy=True).state_dict,
+                                  streamed=True)
+    blocks = list(streamed.bert.encoder.layer)
+    holding = []
+
+    def count(block, args, output):  # while a block runs: how many blocks hold real weights
+        holding.append(sum(not b.ln.weight.is_meta for b in blocks))
+    for block in blocks:
+        block.register_forward_hook(count, prepend=True)
+    ids = torch.randint(0, megatron_bert.config.vocab_size, (3, 20))
+    with torch.no_grad():
+        for want, got in zip(whole(ids), streamed(ids)):
+            assert torch.equal(want, got)
+    assert holding == [1, 2, 2, 2]  # block 0 stays (export traces it); one further block at a time
+    assert all(b.ln.weight.is_meta for b in blocks[1:])
+
+
+def test_export_streams_each_block_weight_once_and_writes_what_a_whole_model_exports(megatron_bert, sharded,
+                                                                                      tmp_path, monkeypatch):
+    import weakref
+
+    import mbexport.export.fp32 as fp32
+    from mbexport.export import export, export_onnx
+    from mbexport.model import build_reference
+    from mbexport.tasks import TASKS
+
+    folder, weights = sharded
+    read, alive, most = [], set(), [0]
+    real = fp32.parameter
+
+    def tracked(model, name):
+        tensor = real(model, name)
+        read.append(name)
+        alive.add(name)
+        weakref.finalize(tensor, alive.discard, name)
+        most[0] = max(most[0], len(alive))
+        return tensor
+
+    monkeypatch.setattr(fp32, "parameter", tracked)
+    manifest = export(folder, "masked-lm", tmp_path / "out")
+    streamed = manifest.path_of(manifest.find("masked-lm", "fp32", "onnx")[0])
+    block_weights = [n for n in weights if n.startswith("bert.encoder.layer.") and ".layer.0." not in n]
+    assert set(read) == set(block_weights)
+    # Each matrix is read once, when it is saved (vectors of up to 1024 values once more: onnx_ir's
+    # deduplication compares them), and no more than two are ever held at once.
+    assert all(read.count(n) == 1 for n in block_weights if weights[n].numel() > 1024)
+    assert most[0] <= 2
+    model, _ = build_reference(TASKS["masked-lm"], megatron_bert.config, weights)  # every weight in memory
+    whole = export_onnx(model, tmp_path / "whole" / "model.fp32.onnx")
+    assert streamed.read_bytes() == whole.read_bytes()

@@ -36,12 +36,13 @@ def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisi
                             "quantize the fp32 export)")
     if vocab is not None and not Path(vocab).is_file():
         raise MbexportError("vocab file not found", vocab)
-    checkpoint = load_checkpoint(source)
+    checkpoint = load_checkpoint(source, lazy=True)
     out_dir = Path(out_dir)
     manifest = _open_manifest(out_dir, checkpoint)
+    # Blocks 1 and up stream their weights from the checkpoint as they are saved: one block at a time.
     model, seeded = build_reference(task, checkpoint.config, checkpoint.state_dict,
-                                    init_missing_head=init_missing_head, source=source)
-    del checkpoint  # the model holds (fp32) or converted (fp16) the weights; nothing else needs the rest
+                                    init_missing_head=init_missing_head, source=source, streamed=True)
+    del checkpoint  # the model keeps what it reads from
     folder = out_dir / task.name
     previous = {a.sha256 for a in manifest.find(task.name, "fp32", "onnx")}
     fp32 = export_onnx(model, folder / "model.fp32.onnx", opset=opset)
