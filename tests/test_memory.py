@@ -252,3 +252,52 @@ def test_export_streams_each_block_weight_once_and_writes_what_a_whole_model_exp
     model, _ = build_reference(TASKS["masked-lm"], megatron_bert.config, weights)  # every weight in memory
     whole = export_onnx(model, tmp_path / "whole" / "model.fp32.onnx")
     assert streamed.read_bytes() == whole.read_bytes()
+
+
+# ---- validate: the reference first, then ONNX Runtime on memory-mapped weights --------------------------------------
+def test_a_lean_session_maps_the_weights_and_computes_what_a_plain_one_does(fp32_onnx, tmp_path, monkeypatch):
+    import numpy as np
+    import onnx
+
+    import mbexport.export.onnxfile as onnxfile
+    from mbexport.config import MegatronBertConfig
+    from mbexport.export import convert_fp16
+    from mbexport.export.onnxfile import INLINE_BELOW, read_weightless, weights_by_reference
+    from mbexport.inputs import sample_batch
+    from mbexport.runtime import ort_session
+    from mbexport.tasks import get_task
+
+    inline, _ = fp32_onnx
+    config = MegatronBertConfig.from_hf_dict(Manifest.load(inline.parent.parent).config)
+    feed = sample_batch(get_task("question-answering"), config, 3, 24)
+    one_file = convert_fp16(inline, tmp_path / "one" / "model.fp16.onnx")
+    monkeypatch.setattr(onnxfile, "EXTERNAL_THRESHOLD", 0)  # pretend the tiny model passes 2 GB
+    external = convert_fp16(inline, tmp_path / "external" / "model.fp16.onnx")
+    assert (external.parent / "model.fp16.onnx.data").is_file()
+    for path in (inline, one_file, external):
+        mapped = {t.name: t for t in onnx.ModelProto.FromString(weights_by_reference(path)).graph.initializer}
+        large = [w.tensor.name for w in read_weightless(path)[1] if w.length >= INLINE_BELOW]
+        assert large and all(mapped[name].data_location == 1 and not mapped[name].raw_data for name in large)
+        for want, got in zip(ort_session(path).run(None, feed), ort_session(path, lean=True).run(None, feed)):
+            np.testing.assert_array_equal(want, got)
+
+
+def test_validate_passes_a_model_with_external_data_with_the_figures_of_the_one_file_model(example, tmp_path,
+                                                                                          monkeypatch):
+    import json
+
+    import mbexport.export.onnxfile as onnxfile
+    from mbexport.export import export
+    from mbexport.validate import validate
+
+    checkpoint, _ = example
+    figures = {}
+    for layout in ("one file", "external data"):
+        if layout == "external data":
+            monkeypatch.setattr(onnxfile, "EXTERNAL_THRESHOLD", 0)  # pretend the tiny model passes 2 GB
+        out = tmp_path / layout.replace(" ", "-")
+        manifest = export(checkpoint, "masked-lm", out, precisions=("fp32", "fp16"))
+        assert all(("external_data" in a.details) == (layout == "external data") for a in manifest.find(kind="onnx"))
+        assert validate(out).passed
+        figures[layout] = [a["checks"] for a in json.loads((out / "validation.json").read_text())["artifacts"]]
+    assert figures["one file"] == figures["external data"]

@@ -160,6 +160,27 @@ def save_with_weights(model, weights: Iterable[tuple[object, bytes]], path: str 
     return path
 
 
+def weights_by_reference(path: str | Path) -> bytes:
+    """``path``'s model, serialized with every weight from 1 KB on as external data that points at its bytes
+    where they are: inside the model file itself, or in its external data file. ONNX Runtime, given these
+    bytes and the file's folder (session.model_external_initializers_file_folder_path), memory-maps the
+    weights instead of parsing them into a copy."""
+    import onnx
+
+    path = Path(path)
+    model, weights = read_weightless(path)
+    for weight in weights:
+        tensor = weight.tensor
+        if weight.file is None or weight.length < INLINE_BELOW:  # shape constants: ORT's checks read them
+            tensor.raw_data = weight.read()
+        else:
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", weight.file.name), ("offset", weight.offset), ("length", weight.length)):
+                tensor.external_data.add(key=key, value=str(value))
+        model.graph.initializer.append(tensor)
+    return model.SerializeToString()
+
+
 def _weight(f, path: Path, start: int, end: int) -> Weight:
     """An initializer's TensorProto read without its raw_data, and where that data lies."""
     import onnx
