@@ -112,11 +112,12 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\n{args.size}: {parameters(config) / 1e9:.2f}B parameters, fp32 weights {gb(4 * parameters(config)):.2f} GB "
-          f"({environment()['cpu']}, {os.cpu_count()} cores)")
-    print("| stage | wall s | CPU s | peak RSS GB | largest file GB | RSS / file | read GB | written GB |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"({environment()['cpu']}, {os.cpu_count()} cores, {' '.join(cpu_flags())})")
+    print("| stage | wall s | CPU s | peak RSS GB | peak anon GB | largest file GB | RSS / file | read GB | written GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    report = {"size": args.size, "parameters": parameters(config), "environment": environment(), "stages": results}
+    report = {"size": args.size, "parameters": parameters(config), "environment": environment(),
+              "cpu_flags": cpu_flags(), "stages": results}
     print("wrote", save(args.work, f"scaling-{args.size}.json", report))
 
 
@@ -157,7 +158,8 @@ def run_stage(stage: str, checkpoint: Path, out: Path, work: Path) -> dict:
 def row(stage: str, r: dict) -> str:
     mark = "" if r["rss_over_file"] <= BOUND else " (over 1.25)"
     return (f"| {stage} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_rss_gb']:.2f} | "
-            f"{r['largest_file_gb']:.2f} | {r['rss_over_file']:.2f}{mark} | {r['read_gb']:.2f} | {r['written_gb']:.2f} |")
+            f"{r['peak_anon_gb']:.2f} | {r['largest_file_gb']:.2f} | {r['rss_over_file']:.2f}{mark} | "
+            f"{r['read_gb']:.2f} | {r['written_gb']:.2f} |")
 
 
 def measured(argv: list[str]) -> dict:
@@ -165,14 +167,16 @@ def measured(argv: list[str]) -> dict:
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, *argv], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                stdout=subprocess.DEVNULL)
-    io = {}
+    io, anon = {}, 0
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
         try:  # the last reading before it exits (a stage ends with its final writes and hashing: small)
             io = dict(line.split(": ") for line in Path(f"/proc/{process.pid}/io").read_text().splitlines())
-        except (OSError, ValueError):
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{process.pid}/status").read_text().splitlines())
+            anon = max(anon, int(fields["RssAnon"].split()[0]) * 1024)
+        except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.05)
     seconds = time.perf_counter() - start
@@ -180,6 +184,7 @@ def measured(argv: list[str]) -> dict:
         raise SystemExit(f"{' '.join(argv)[:160]} failed with exit code {os.waitstatus_to_exitcode(status)}")
     return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
             "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,  # Linux reports KiB
+            "peak_anon_gb": anon / 1e9,  # sampled every 50 ms: RSS less memory-mapped file pages
             "read_gb": int(io.get("rchar", 0)) / 1e9, "written_gb": int(io.get("wchar", 0)) / 1e9}
 
 
@@ -233,6 +238,14 @@ def merge_trees(into: dict, tree: dict) -> None:
 def parameters(config: MegatronBertConfig) -> int:
     groups = names.expected_shapes(config, {})
     return sum(int(torch.Size(s).numel()) for g in ("trunk", "qa") for s in groups[g].values())
+
+
+def cpu_flags() -> list[str]:
+    """The vector extensions that decide CPU kernel speed (fp16 and int8 paths above all)."""
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return [flag for flag in wanted if flag in flags]
 
 
 def rank_files(checkpoint: Path) -> list[Path]:
