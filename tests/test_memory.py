@@ -5,6 +5,7 @@ the mechanisms on small models: the checkpoint is hashed once per build, passes 
 (checked by their peak RSS in a child process), and their outputs equal the in-memory way's.
 """
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,23 @@ def test_validate_passes_a_model_with_external_data_with_the_figures_of_the_one_
         assert validate(out).passed
         figures[layout] = [a["checks"] for a in json.loads((out / "validation.json").read_text())["artifacts"]]
     assert figures["one file"] == figures["external data"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
+                    reason="needs NVIDIA Model Optimizer (pip install 'mbexport[quant]')")
+def test_an_int8_build_past_2gb_keeps_external_data_through_quantization_and_validation(example, tmp_path,
+                                                                                        monkeypatch):
+    import mbexport.export.onnxfile as onnxfile
+    from mbexport.recipes import Calibration
+
+    monkeypatch.setattr(onnxfile, "EXTERNAL_THRESHOLD", 0)  # pretend the tiny model passes 2 GB
+    checkpoint, _ = example
+    recipe = Recipe(name="test", task="question-answering", precision="int8", target="onnx",
+                    calibration=Calibration(size=8, sequence=32))
+    result = build(checkpoint, recipe, out_dir=tmp_path / "out", init_missing_head=0)
+    assert result.report.passed
+    manifest = Manifest.load(tmp_path / "out")
+    for precision in ("fp32", "int8"):
+        (artifact,) = manifest.find("question-answering", precision, "onnx")
+        assert artifact.details["external_data"]["path"] == f"model.{precision}.onnx.data"
+        assert manifest.verify(artifact) is None
