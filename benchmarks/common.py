@@ -46,7 +46,7 @@ def checkpoint_345m(work: Path) -> Path:
 def _write_checkpoint(folder: str) -> None:
     from safetensors.torch import save_file
 
-    from mbexport.checkpoint.synthetic import random_state_dict
+    from mbexport.checkpoint.example import random_state_dict
     from mbexport.fsutil import atomic_dir, write_json_atomic
 
     state_dict = random_state_dict(CONFIG_345M, seed=0, heads=("qa",))

@@ -19,7 +19,7 @@ TARGET_SECONDS, TARGET_GB = 7.1, 1.67
 
 BUILD = """
 import zipfile
-from mbexport.checkpoint.synthetic import random_state_dict, write_ngc_zip
+from mbexport.checkpoint.example import random_state_dict, write_ngc_zip
 from mbexport.config import MegatronBertConfig
 config = MegatronBertConfig(**{config!r})
 write_ngc_zip({path!r}, random_state_dict(config, seed=0), config, compression={compression})

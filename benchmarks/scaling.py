@@ -37,9 +37,11 @@ import torch  # noqa: E402
 
 from mbexport.config import MegatronBertConfig  # noqa: E402
 
-# The checkpoint writers (the inverse of every reader) are test helpers: the one place this script imports them.
 from mbexport.checkpoint import names  # noqa: E402
-from mbexport.checkpoint.synthetic import _save, megatron_shards  # noqa: E402
+
+# The checkpoint writers (the inverse of every reader) are test code (tests/checkpoints.py).
+sys.path.insert(0, str(REPO / "tests"))
+from checkpoints import megatron_shards, save as save_checkpoint  # noqa: E402
 
 # The paper's three BERTs (Shoeybi et al. 2019, table 4), padded vocab 30592 (30522 -> multiple of 128 x TP 4).
 SIZES = {
@@ -213,7 +215,7 @@ def write_checkpoint(folder: Path, config: MegatronBertConfig) -> Path:
             del files, weights
         saved["model"] = model
         (release / rel).parent.mkdir(parents=True, exist_ok=True)
-        _save(saved, release / rel, False)
+        save_checkpoint(saved, release / rel)
         del saved, model
     (folder / "latest_checkpointed_iteration.txt").write_text("release")
     return folder

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the test harness that assembles the s
 import numpy as np  # noqa: E402
 
 import tritonserver  # noqa: E402
-from mbexport.checkpoint.synthetic import make_example  # noqa: E402
+from mbexport.checkpoint.example import make_example  # noqa: E402
 from mbexport.config import MegatronBertConfig  # noqa: E402
 from mbexport.deploy.run import padded_lengths, sequence_length, text_pipeline  # noqa: E402
 from mbexport.deploy.triton import write_repository  # noqa: E402

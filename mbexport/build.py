@@ -24,17 +24,17 @@ from mbexport import engine
 from mbexport.config import MegatronBertConfig
 from mbexport.deploy.triton import REQUESTED
 from mbexport.errors import CheckpointError, MbexportError, ValidationFailed, own_warning
-from mbexport.export import convert_fp16, export, source_sha256
+from mbexport.export import export, source_sha256
 from mbexport.fsutil import output_folder, sha256_file
 from mbexport.manifest import MANIFEST, Artifact, Manifest
-from mbexport.quantize import calibration_batches, quantize_onnx
+from mbexport.precisions import EXPORTED, OPSET, PRECISIONS, get_precision
+from mbexport.quantize import calibration_batches
 from mbexport.recipes import Recipe
 from mbexport.runtime import providers
 from mbexport.tasks import Task, get_task
 from mbexport.text import load_tokenizer, read_lines
 from mbexport.validate import Report, tolerances_for, up_to_date, validate
 
-OPSET = 17
 Busy = Callable[[str, str], ContextManager]  # (stage, what it is doing) -> context around the stage's work
 
 
@@ -63,7 +63,7 @@ def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = No
     source = Path(source).resolve()
     if not source.exists():
         raise CheckpointError("no such file or directory", source)
-    task = get_task(recipe.task)
+    task, precision = get_task(recipe.task), get_precision(recipe.precision)
     try:  # bad tolerances are bad input: say so before the export, not after
         tolerances_for(recipe.precision, "onnx", recipe.tolerances)
     except MbexportError as error:
@@ -72,7 +72,7 @@ def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = No
     target = recipe.target or ("engine" if engine.tensorrt_available() else "onnx")
     if target == "engine":
         engine.require_tensorrt()  # fail before any work, not after the export
-    text = recipe.calibration.text if recipe.precision in ("int8", "fp8") else None
+    text = recipe.calibration.text if precision.calibrated else None
     if vocab is not None:
         load_tokenizer(vocab)  # a missing or binary vocab fails here, before any work
     if text is not None:
@@ -87,22 +87,22 @@ def build(source: str | Path, recipe: Recipe, *, out_dir: str | Path | None = No
         if text is not None and vocab is None:
             raise MbexportError("calibration text needs --vocab to tokenize it", text)
         run = _Run(manifest, BuildResult(out_dir, target), log, busy)
-        run.total = 2 + (recipe.precision != "fp32") + (target == "engine")
+        run.total = 2 + (precision.transform is not None) + (target == "engine")
+        exported = PRECISIONS[EXPORTED]
 
         def make_fp32(path: Path) -> dict:
             run.manifest = export(source, task, out_dir, init_missing_head=init_missing_head, vocab=vocab,
                                   opset=OPSET)
-            return run.manifest.find(task.name, "fp32", "onnx")[0].details
+            return run.manifest.find(task.name, EXPORTED, "onnx")[0].details
 
-        fp32 = run.stage(f"export {task.name} fp32", "reading the checkpoint, exporting ONNX with torch.onnx, "
-                         "checking it", task, "fp32", "onnx",
+        fp32 = run.stage(f"{exported.step} {task.name} {EXPORTED}", exported.doing, task, EXPORTED, "onnx",
                          _key("export", source_sha256(source), task.name, OPSET, init_missing_head,
                               sha256_file(vocab) if vocab else None), make_fp32)
         config = MegatronBertConfig.from_hf_dict(run.manifest.config)
         recipe, notes = recipe.fit_positions(config.max_position_embeddings)
         for note in notes:
             warnings.warn(note, stacklevel=2)
-        onnx = fp32 if recipe.precision == "fp32" else _precision(run, task, config, fp32, recipe, vocab)
+        onnx = fp32 if precision.transform is None else _precision(run, task, config, fp32, recipe, vocab)
         final = _engine(run, task, config, onnx, recipe) if target == "engine" else onnx
         _validate(run, task, recipe, device)
         if not final.details.get(REQUESTED):  # what this build was for: `mbexport triton` deploys it, not its fp32
@@ -126,7 +126,7 @@ class _Run:
 
     def stage(self, name: str, doing: str, task: Task, precision: str, kind: str, key: str,
               make: Callable[[Path], dict], upstream: Artifact | None = None) -> Artifact:
-        path = self.manifest.root / task.name / f"model.{precision}.{'plan' if kind == 'engine' else 'onnx'}"
+        path = self.manifest.root / task.name / get_precision(precision).file_name(kind)
         for artifact in self.manifest.find(task.name, precision, kind):
             if artifact.details.get("cache_key") == key and self.manifest.verify(artifact) is None:
                 for note in artifact.details.get("warnings", []):  # what this stage said when it ran
@@ -171,30 +171,30 @@ class _Run:
 
 def _precision(run: _Run, task: Task, config: MegatronBertConfig, fp32: Artifact, recipe: Recipe,
                vocab: Path | None) -> Artifact:
-    fp32_path = run.manifest.path_of(fp32)
-    if recipe.precision == "fp16":
-        def make_fp16(path: Path) -> dict:
-            convert_fp16(fp32_path, path)
+    """The recipe's precision made from the fp32 export by its registry transform, calibrated where it needs it."""
+    precision, fp32_path = get_precision(recipe.precision), run.manifest.path_of(fp32)
+    name = f"{precision.step} {task.name} {precision.name}"
+    if not precision.calibrated:
+        def make(path: Path) -> dict:
+            precision.transform(fp32_path, path)
             return {}
 
-        return run.stage(f"convert {task.name} fp16", "converting the fp32 graph to strongly typed fp16", task,
-                         "fp16", "onnx", _key("fp16", fp32.sha256), make_fp16, fp32)
+        return run.stage(name, precision.doing, task, precision.name, "onnx", _key(precision.name, fp32.sha256),
+                         make, fp32)
     calib = recipe.calibration
     inputs = (sha256_file(calib.text), sha256_file(vocab)) if calib.text is not None else None
-    key = _key("quantize", recipe.precision, fp32.sha256, inputs, calib.size, calib.method, calib.sequence)
+    key = _key(precision.step, precision.name, fp32.sha256, inputs, calib.size, calib.method, calib.sequence)
 
-    def make(path: Path) -> dict:
+    def make_calibrated(path: Path) -> dict:
         batches = calibration_batches(task, config, text=calib.text, vocab=vocab, size=calib.size,
                                       sequence=calib.sequence)
-        quantize_onnx(fp32_path, path, mode=recipe.precision, calibration=batches, method=calib.method)
+        precision.transform(fp32_path, path, mode=precision.name, calibration=batches, method=calib.method)
         return {"calibration": {"text": str(calib.text) if calib.text else None, "size": calib.size,
                                 "method": calib.method, "sequence": calib.sequence}}
 
     data = f"{calib.size} lines of {calib.text.name}" if calib.text is not None else f"{calib.size} seeded examples"
-    doing = (f"calibrating on {data} x {calib.sequence} tokens ({calib.method}), placing Q/DQ with Model "
-             "Optimizer")
-    return run.stage(f"quantize {task.name} {recipe.precision}", doing, task, recipe.precision, "onnx", key, make,
-                     fp32)
+    doing = f"calibrating on {data} x {calib.sequence} tokens ({calib.method}), {precision.doing}"
+    return run.stage(name, doing, task, precision.name, "onnx", key, make_calibrated, fp32)
 
 
 def _engine(run: _Run, task: Task, config: MegatronBertConfig, onnx: Artifact, recipe: Recipe) -> Artifact:
@@ -218,7 +218,7 @@ def _validate(run: _Run, task: Task, recipe: Recipe, device: str) -> None:
 
     Other builds' artifacts in the folder keep the results their own builds recorded (``mbexport validate``
     re-checks everything)."""
-    scope = {"device": device, "tasks": [task.name], "precisions": sorted({"fp32", recipe.precision}),
+    scope = {"device": device, "tasks": [task.name], "precisions": sorted({EXPORTED, recipe.precision}),
              "tolerances": recipe.tolerances or None}
     if up_to_date(run.manifest, **scope):
         run.note("validate", "cached")

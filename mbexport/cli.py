@@ -15,6 +15,7 @@ import typer
 from mbexport import terminal
 from mbexport.errors import MbexportError, own_warning
 from mbexport.fsutil import OVERWRITE_FLAG
+from mbexport.precisions import EXPORTED, OPSET, PRECISIONS, made_by
 
 # rich_markup_mode=None: help text prints literally, like every other message (terminal.py)
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -32,13 +33,6 @@ def _overwrite_option(what: str = "folder"):
     """The one flag every command that writes a folder takes (fsutil.check_output is the rule it lifts)."""
     return typer.Option(False, OVERWRITE_FLAG, help=f"Replace the output {what} when it is neither new, empty nor "
                                                     "mbexport's own (never an input).")
-
-
-def _precisions(values):
-    """Precision names are case-insensitive: --precision FP16 is fp16 (a callback for every --precision)."""
-    if values is None:
-        return None
-    return values.lower() if isinstance(values, str) else [value.lower() for value in values]
 
 
 @contextlib.contextmanager
@@ -82,22 +76,22 @@ def _os_error(error: OSError) -> str:
 def convert_command(
     src: str = typer.Argument(..., help="Checkpoint: NGC zip, Megatron folder or .pt, torch_dist folder, HF folder."),
     out: str = typer.Option(..., "--out", help="Output Hugging Face folder (written atomically)."),
-    vocab: str | None = typer.Option(None, "--vocab", help="BERT WordPiece vocab.txt to add tokenizer files."),
+    vocab: str | None = typer.Option(None, "--vocab", help="BERT WordPiece vocab.txt to add tokenizer files "
+                                                           "(default: the checkpoint's own, if it has one)."),
     lowercase: bool = typer.Option(True, "--lowercase/--no-lowercase", help="Tokenizer lowercasing (uncased models)."),
     num_heads: int | None = typer.Option(None, "--num-heads", help="Attention heads when args are missing "
                                                                    "(default hidden/64)."),
     overwrite: bool = _overwrite_option(),
 ):
     """Convert a checkpoint to a Hugging Face MegatronBert folder (config.json, model.safetensors, tokenizer)."""
-    from pathlib import Path
-
     from mbexport.checkpoint import load_checkpoint, save_hf_folder
+    from mbexport.checkpoint.vocab import resolved_vocab
     from mbexport.fsutil import check_output
 
     check_output(out, overwrite=overwrite, sources=(src, vocab))  # before the (slow) read
-    ckpt = load_checkpoint(src, num_attention_heads=num_heads, lazy=True)  # written one tensor at a time
-    folder = save_hf_folder(ckpt, out, vocab=Path(vocab) if vocab else None, lowercase=lowercase,
-                            overwrite=overwrite)
+    with resolved_vocab(src, vocab, terminal.line) as vocab:
+        ckpt = load_checkpoint(src, num_attention_heads=num_heads, lazy=True)  # written one tensor at a time
+        folder = save_hf_folder(ckpt, out, vocab=vocab, lowercase=lowercase, overwrite=overwrite)
     terminal.line(f"{ckpt.format} checkpoint -> {folder} ({ckpt.num_parameters:,} parameters, heads: "
                   f"{', '.join(ckpt.heads)})")
 
@@ -114,11 +108,15 @@ def inspect_command(
     from rich.table import Table
 
     from mbexport.checkpoint import load_checkpoint
+    from mbexport.checkpoint.vocab import bundled_vocab
 
     ckpt = load_checkpoint(src, num_attention_heads=num_heads, lazy=True)  # only shapes and dtypes are read
     c, info = ckpt.config, ckpt.info
+    vocab_file = bundled_vocab(src)
     report = {
-        "path": str(ckpt.path), "format": ckpt.format, "checkpoint_version": info.get("checkpoint_version"),
+        "path": str(ckpt.path), "format": ckpt.format, "megatron_ckpt_format": info.get("ckpt_format"),
+        "args_source": info.get("args_source"), "integrity": info.get("integrity"),
+        "checkpoint_version": info.get("checkpoint_version"),
         "tensor_parallel": info.get("tensor_parallel"), "pipeline_parallel": info.get("pipeline_parallel"),
         "iteration": info.get("iteration"),
         "architecture": {"hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
@@ -129,6 +127,8 @@ def inspect_command(
         "vocab": {"padded": info["padded_vocab_size"], "real": info.get("real_vocab_size")},
         "heads": list(ckpt.heads), "dtype": info["dtype"],
         "layer_norm_eps": c.layer_norm_eps, "layer_norm_eps_source": info["layer_norm_eps_source"],
+        "vocab_file": str(vocab_file) if vocab_file else None,
+        "fp8_scaling_ignored": info.get("fp8_scaling_ignored", False),
     }
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -139,7 +139,8 @@ def inspect_command(
             value = ", ".join(f"{k}={'unknown' if v is None else v}" for k, v in value.items())
         elif isinstance(value, list):
             value = ", ".join(value)
-        table.add_row(key, "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value))
+        shown = "yes" if value is True else "no" if value is False else "-" if value is None else value
+        table.add_row(key, f"{shown:,}" if isinstance(shown, int) else str(shown))
     console.print(table)
 
 
@@ -152,7 +153,7 @@ def example_command(
     """Write the built-in example: a tiny random Megatron-BERT as an NGC-layout zip, and its vocab.txt."""
     from pathlib import Path
 
-    from mbexport.checkpoint.synthetic import make_example
+    from mbexport.checkpoint.example import make_example
     from mbexport.fsutil import atomic_dir
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -172,25 +173,28 @@ def export_command(
     src: str = typer.Argument(..., help="Checkpoint (anything convert reads)."),
     task: str = typer.Option(..., "--task", help="Task head, e.g. question-answering (qa), masked-lm (mlm)."),
     out: str = typer.Option(..., "--out", help="Output folder (DIR/<task>/model.<precision>.onnx, manifest.json)."),
-    precision: list[str] = typer.Option(["fp32"], "--precision", callback=_precisions,
-                                        help="fp32 and/or fp16 (repeat or comma list)."),
+    precision: list[str] = typer.Option([EXPORTED], "--precision",
+                                        help=f"{' and/or '.join(made_by('export'))} (repeat or comma list)."),
     init_missing_head: int | None = typer.Option(None, "--init-missing-head", metavar="SEED",
                                                  help="Seed random weights for a head the checkpoint lacks."),
-    vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt to copy beside the artifacts."),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset (17+: native LayerNormalization)."),
+    vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt to copy beside the artifacts "
+                                                           "(default: the checkpoint's own, if it has one)."),
+    opset: int = typer.Option(OPSET, "--opset", help=f"ONNX opset ({OPSET}+: native LayerNormalization)."),
     overwrite: bool = _overwrite_option(),
 ):
     """Export one task head to ONNX (fp32, optionally a strongly typed fp16) and record it in the manifest."""
+    from mbexport.checkpoint.vocab import resolved_vocab
     from mbexport.export import export
     from mbexport.fsutil import output_folder
     from mbexport.manifest import MANIFEST
     from mbexport.text import load_tokenizer
 
-    if vocab is not None:
-        load_tokenizer(vocab)
-    with output_folder(out, overwrite=overwrite, sources=(src, vocab), marker=MANIFEST, log=terminal.line):
-        manifest = export(src, task, out, precisions=_names(precision), init_missing_head=init_missing_head,
-                          vocab=vocab, opset=opset)
+    with resolved_vocab(src, vocab, terminal.line) as vocab:
+        if vocab is not None:
+            load_tokenizer(vocab)
+        with output_folder(out, overwrite=overwrite, sources=(src, vocab), marker=MANIFEST, log=terminal.line):
+            manifest = export(src, task, out, precisions=_names(precision), init_missing_head=init_missing_head,
+                              vocab=vocab, opset=opset)
     for artifact in manifest.artifacts:
         console.print(f"{artifact.kind:8} {artifact.precision:5} {artifact.path}  {artifact.sha256[:12]}")
 
@@ -200,7 +204,7 @@ def validate_command(
     out_dir: str = typer.Argument(..., help="Output folder with manifest.json."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto (CUDA when onnxruntime-gpu has it)."),
     task: list[str] = typer.Option(None, "--task", help="Only these tasks (repeat or comma list)."),
-    precision: list[str] = typer.Option(None, "--precision", callback=_precisions,
+    precision: list[str] = typer.Option(None, "--precision",
                                         help="Only these precisions (repeat or comma list)."),
 ):
     """Compare every artifact with the PyTorch reference (Polygraphy); exit 0 pass, 1 fail, 2 bad input."""
@@ -266,7 +270,7 @@ def triton_command(
     repo: str = typer.Option(..., "--repo", help="Model repository folder to write (atomically; one written by "
                                                  "mbexport triton is replaced)."),
     task: list[str] | None = typer.Option(None, "--task", help="Heads to deploy (repeatable; default: all built)."),
-    precision: list[str] | None = typer.Option(None, "--precision", callback=_precisions,
+    precision: list[str] | None = typer.Option(None, "--precision",
                                                help="Precisions to deploy (repeatable; default: what each head's "
                                                     "builds were for)."),
     device: str = typer.Option("auto", "--device", help="Instances of ONNX models: auto (Triton's KIND_AUTO: each "
@@ -298,7 +302,7 @@ def run_command(
     backend: str = typer.Option("auto", "--backend", help="auto (a built TensorRT engine, else a built ONNX file), "
                                                           "tensorrt, onnxruntime or pytorch (the checkpoint's "
                                                           "reference)."),
-    precision: str | None = typer.Option(None, "--precision", callback=_precisions,
+    precision: str | None = typer.Option(None, "--precision",
                                          help="Artifact precision (default: the backend's preferred built one)."),
     top_k: int = typer.Option(5, "--top-k", help="Candidates per [MASK] (mlm)."),
     vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt (default: the one in ARTIFACTS)."),
@@ -314,8 +318,8 @@ def run_command(
     result = answer(artifacts, task, {k: v for k, v in fields.items() if v is not None}, backend=backend,
                     precision=precision, vocab=vocab, top_k=top_k, device=device)
     source = result["artifact"] or "the PyTorch reference rebuilt from the checkpoint"
-    err_console.print(f"{result['task']}: {result['backend']}, {result['precision']}, {source}", highlight=False,
-                      soft_wrap=True, markup=False)
+    err_console.print(f"{result['task']}: {result['backend']} on {result['device']}, {result['precision']}, {source}",
+                      highlight=False, soft_wrap=True, markup=False)
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
@@ -323,23 +327,39 @@ def run_command(
 
 
 # ---- build / recipes -------------------------------------------------------------------------------------------------
+BUILD_PRECISION = "fp16"  # build's default without a recipe
+
+
+def _calibrated() -> list[str]:
+    return [p.name for p in PRECISIONS.values() if p.calibrated]
+
+
+def _build_precisions() -> str:
+    """build's --precision help, from the precision registry: the names, and the extras some of them need."""
+    needs: dict[str, list[str]] = {}
+    for p in PRECISIONS.values():
+        if p.extra:
+            needs.setdefault(p.extra, []).append(p.name)
+    extras = "".join(f"; {' and '.join(names)} need pip install 'mbexport[{extra}]'" for extra, names in needs.items())
+    return f"{', '.join(PRECISIONS)} (default {BUILD_PRECISION}){extras}."
+
+
 @app.command("build")
 def build_command(
     src: str = typer.Argument(..., help="Checkpoint: NGC zip, Megatron folder or .pt, torch_dist folder, HF folder."),
     recipe: str | None = typer.Option(None, "--recipe", help="Recipe file or shipped name (see `mbexport recipes`); "
                                                              "the flags below override its fields."),
     task: str | None = typer.Option(None, "--task", help="Head: qa, mlm, seq-cls, ... (required without --recipe)."),
-    precision: str | None = typer.Option(None, "--precision", callback=_precisions,
-                                         help="fp16, int8, fp8 or fp32 (default fp16); int8 and fp8 need "
-                                              "pip install 'mbexport[quant]'."),
+    precision: str | None = typer.Option(None, "--precision", help=_build_precisions()),
     target: str | None = typer.Option(None, "--target", help="engine (TensorRT) or onnx; default engine when "
                                                              "TensorRT is importable, else onnx."),
     out: str | None = typer.Option(None, "--out", help="Output folder (default artifacts/<checkpoint name>)."),
-    calib_text: str | None = typer.Option(None, "--calib-text", help="int8/fp8 calibration text, one example a line."),
+    calib_text: str | None = typer.Option(None, "--calib-text", help=f"{'/'.join(_calibrated())} calibration text, "
+                                                                     "one example a line."),
     calib_size: int | None = typer.Option(None, "--calib-size", help="Calibration examples (default 64)."),
     calib_method: str | None = typer.Option(None, "--calib-method", help="max or entropy (default max)."),
     vocab: str | None = typer.Option(None, "--vocab", help="WordPiece vocab.txt: copied to the output, tokenizes "
-                                                           "--calib-text."),
+                                                           "--calib-text (default: the checkpoint's own, if any)."),
     init_missing_head: int | None = typer.Option(None, "--init-missing-head", help="Seed for a head the checkpoint "
                                                                                    "lacks (random weights)."),
     device: str = typer.Option("cpu", "--device", help="Validation device: cpu, cuda or auto."),
@@ -348,22 +368,24 @@ def build_command(
     """Checkpoint to validated artifacts: ONNX export, fp16/int8/fp8, TensorRT engine; unchanged stages are cached."""
     from pathlib import Path
 
-    from mbexport.errors import ValidationFailed
     from mbexport.build import build
+    from mbexport.checkpoint.vocab import resolved_vocab
+    from mbexport.errors import ValidationFailed
     from mbexport.recipes import Recipe, load_recipe
 
     if recipe is not None:
         base = load_recipe(recipe)
     elif task is not None:
-        base = Recipe(name="command line", task=task, precision=precision or "fp16")
+        base = Recipe(name="command line", task=task, precision=precision or BUILD_PRECISION)
     else:
         raise MbexportError("give --task (and --precision), or --recipe")
     plan = base.override(task=task, precision=precision, target=target, out=out,
                          calib_text=Path(calib_text) if calib_text else None, calib_size=calib_size,
                          calib_method=calib_method)
     try:
-        result = build(src, plan, vocab=vocab, init_missing_head=init_missing_head, device=device,
-                       overwrite=overwrite, log=terminal.line, busy=terminal.StageDisplay().busy)
+        with resolved_vocab(src, vocab, terminal.line) as vocab:
+            result = build(src, plan, vocab=vocab, init_missing_head=init_missing_head, device=device,
+                           overwrite=overwrite, log=terminal.line, busy=terminal.StageDisplay().busy)
     except ValidationFailed as error:
         console.print(error.report.table())
         raise

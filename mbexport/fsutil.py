@@ -124,6 +124,7 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False, sources=(), marker
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final), dir=final.parent))
     try:
         yield tmp
+        tmp.chmod(0o777 & ~umask())  # mkdtemp's folder is private; a folder users share follows their umask
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
             os.replace(final, old / final.name)
@@ -145,6 +146,7 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=temp_prefix(final), dir=final.parent)
+    os.fchmod(fd, 0o666 & ~umask())  # mkstemp's file is private; what we write follows the user's umask
     os.close(fd)
     tmp = Path(name)
     try:
@@ -153,6 +155,13 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mbexport.config import MegatronBertConfig
+from mbexport.deploy.serving import CLS, PAD, SEP
 from mbexport.tasks import Task
 
 
@@ -18,7 +19,7 @@ def special_ids(vocab: str | Path | None, config: MegatronBertConfig) -> dict[st
     """[PAD]/[CLS]/[SEP] ids from a vocab file, else the BERT WordPiece defaults (0/101/102) when they fit."""
     if vocab is not None:
         index = {tok: i for i, tok in enumerate(Path(vocab).read_text(encoding="utf-8").splitlines())}
-        return {"pad": index.get("[PAD]", 0), "cls": index.get("[CLS]", 1), "sep": index.get("[SEP]", 2)}
+        return {"pad": index.get(PAD, 0), "cls": index.get(CLS, 1), "sep": index.get(SEP, 2)}
     if config.vocab_size > 1000:
         return {"pad": 0, "cls": 101, "sep": 102}
     return {"pad": 0, "cls": 2, "sep": 3}

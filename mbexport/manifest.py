@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from mbexport.config import MegatronBertConfig
 from mbexport.errors import MbexportError, first_line
 from mbexport.fsutil import sha256_file, write_json_atomic
+from mbexport.precisions import PRECISIONS
 from mbexport.tasks import TASKS, Task
 
 MANIFEST = "manifest.json"
@@ -39,7 +40,7 @@ def io_spec(task: Task) -> dict:
 @dataclass
 class Artifact:
     task: str  # canonical task name
-    precision: str  # fp32 | fp16 | int8 | fp8
+    precision: str  # a PRECISIONS name; "-" for files of no precision (the vocab)
     kind: str  # one of KINDS
     path: str  # relative to the manifest's folder
     sha256: str
@@ -201,8 +202,8 @@ def _parse(root: Path, data) -> Manifest:
             raise _Malformed(f"{where}.task '{entry['task']}' is not a task")
         if entry["kind"] not in KINDS:
             raise _Malformed(f"{where}.kind '{entry['kind']}' is not one of {', '.join(KINDS)}")
-        if not _NAME.match(entry["precision"]):
-            raise _Malformed(f"{where}.precision {entry['precision']!r} is not a precision name")
+        if entry["precision"] not in (*PRECISIONS, "-"):
+            raise _Malformed(f"{where}.precision {entry['precision']!r} is not one of {', '.join(PRECISIONS)}")
         if not _SHA256.match(entry["sha256"]):
             raise _Malformed(f"{where}.sha256 is not a sha256 hex digest")
         problem = _relative_problem(entry["path"])
@@ -245,7 +246,6 @@ def _check_details(details: dict, where: str) -> None:
 KINDS = ("onnx", "engine", "weights", "vocab")
 _ARTIFACT_FIELDS = {"task": str, "precision": str, "kind": str, "path": str, "sha256": str, "io": dict,
                     "details": dict}
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$|^-$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mbexport.deploy.serving import encode, wordpiece
+from mbexport.deploy.serving import CLS, MASK, PAD, SEP, UNK, VOCAB, encode, wordpiece
 from mbexport.errors import MbexportError
 
-__all__ = ["encode", "load_tokenizer", "read_lines"]
+__all__ = ["CLS", "MASK", "PAD", "SEP", "UNK", "VOCAB", "encode", "load_tokenizer", "read_lines"]
 
 
 def load_tokenizer(vocab: str | Path, lowercase: bool = True):
@@ -22,7 +22,7 @@ def load_tokenizer(vocab: str | Path, lowercase: bool = True):
     if not vocab.is_file():
         raise MbexportError("vocab file not found", vocab)
     tokens = _read_text(vocab).splitlines()
-    missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]") if t not in tokens]
+    missing = [t for t in (CLS, SEP, PAD, UNK) if t not in tokens]
     if missing:
         raise MbexportError(f"not a BERT WordPiece vocab (no {missing[0]})", vocab)
     return wordpiece(vocab, lowercase)

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from accuracy_protocol import accuracy  # tests/accuracy_protocol.py: the fixture README's protocol
+from conftest import missing
 from mbexport.checkpoint import load_checkpoint
 from mbexport.export import convert_fp16, export_onnx
 from mbexport.model import build_reference
 from mbexport.quantize import calibration_batches, quantize_onnx
-from mbexport.quantize.accuracy import accuracy
 from mbexport.text import read_lines
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tiny-trained"
@@ -43,7 +44,7 @@ def scores(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(task)
     paths = {"fp32": export_onnx(model, folder / "model.fp32.onnx")}
     paths["fp16"] = convert_fp16(paths["fp32"], folder / "model.fp16.onnx")
-    if _has_modelopt():
+    if missing("quant") is None:
         batches = calibration_batches(task, checkpoint.config, text=FIXTURE / "calib.txt",
                                       vocab=FIXTURE / "vocab.txt", size=CALIBRATION)
         for mode in ("int8", "fp8"):
@@ -52,12 +53,6 @@ def scores(request, tmp_path_factory):
     return task, {precision: accuracy(path, task, FIXTURE / "vocab.txt", texts,
                                       None if task == "masked-lm" else labels)
                   for precision, path in paths.items()}
-
-
-def _has_modelopt():
-    import importlib.util
-
-    return importlib.util.find_spec("modelopt") is not None
 
 
 def test_the_protocol_counts_what_the_readme_counts():
@@ -76,10 +71,9 @@ def test_fp32_onnx_reproduces_the_readme_figure(scores):
     assert abs(by_precision["fp32"].value - README_FP32[task][0]) < 0.015, by_precision["fp32"]
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8", "fp8"])
+@pytest.mark.parametrize("precision", ["fp16", pytest.param("int8", marks=pytest.mark.quant),
+                                       pytest.param("fp8", marks=pytest.mark.quant)])
 def test_precision_keeps_99_percent_of_fp32_accuracy(scores, precision):
     task, by_precision = scores
-    if precision not in by_precision:
-        pytest.skip("NVIDIA Model Optimizer is not installed (pip install 'mbexport[quant]')")
     assert by_precision[precision].value >= 0.99 * by_precision["fp32"].value, (
         f"{task} {precision}: {by_precision[precision]} vs fp32 {by_precision['fp32']}")

@@ -1,6 +1,7 @@
 """``mbexport bench``: FLOP counts by hand, the statistics, and the command on a tiny exported model (CPU)."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -59,7 +60,7 @@ def test_measure_and_percentiles():
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    from mbexport.checkpoint.synthetic import make_example
+    from mbexport.checkpoint.example import make_example
     from mbexport.export import export
 
     work = tmp_path_factory.mktemp("bench")
@@ -91,6 +92,37 @@ def test_bench_on_cpu_writes_sane_json_and_a_png(artifacts, capsys):
     assert (artifacts / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "ort-cpu fp16" in out and "skipped" in out and "bench.json" in out
+    assert "TFLOP/s" in out and "…" not in out and max(map(len, out.splitlines())) <= 80  # captured: 80 columns
+
+
+def test_the_summary_reads_at_80_columns_and_turns_into_lines_below():
+    """A GPU's widest figures (five-digit throughput, % of peak) at 80 columns: every header and cell whole;
+    narrower, one line per measurement; a backend skipped for every task is said once."""
+    from rich.console import Console
+
+    from mbexport.bench import summary
+
+    def row(backend, precision, task="question-answering"):
+        return {"task": task, "backend": backend, "precision": precision, "status": "ok", "batch": 32,
+                "sequence": 384, "latency_ms": {"p50": 1234.56, "p90": 1250.0, "p99": 1299.99},
+                "sequences_per_s": 25919.9, "tflops_per_s": 312.5, "percent_of_peak": 31.6}
+
+    tasks = ["question-answering", "sequence-classification"]
+    report = {"device": {"gpu": "NVIDIA H100 80GB HBM3", "cpu": "x86"}, "settings": {"tasks": tasks, "iters": 100},
+              "results": [row("ort-cuda", "fp16"), row("trt", "int8", tasks[1])]
+              + [{"task": t, "backend": "torch", "status": "skipped", "reason": "the source checkpoint is not at "
+                  "/data/checkpoints/megatron_bert_345m_v0_1_uncased.zip"} for t in tasks]}
+    for width in (80, 50):
+        console = Console(width=width, record=True, file=open(os.devnull, "w"))
+        console.print(summary(report))
+        text = console.export_text()
+        lines = text.splitlines()
+        assert "…" not in text and max(map(len, lines)) <= width, text
+        for cell in ("ort-cuda fp16", "32x384", "1234.56", "1299.99", "25919.9", "312", "31.6"):
+            assert any(cell in line for line in lines), (cell, text)
+        assert sum("skipped torch" in line for line in lines) == 1, text
+        table = any(line.startswith("ort-cuda fp16   32x384") for line in lines)
+        assert table == (width == 80) and "TFLOP/s" in text and "% of" in text, text
 
 
 def test_an_artifact_the_runtime_refuses_is_a_failed_row_and_exit_1(artifacts, tmp_path):
@@ -170,21 +202,7 @@ def test_ort_timer_runs_the_session_it_times(artifacts):
     assert len(bindings) == 1 and len(calls) == 3  # one untimed run allocates the outputs, then two timed
 
 
-def _ort_cuda() -> bool:
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
-def _torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not (_torch_cuda() and _ort_cuda()), reason="needs a CUDA GPU, PyTorch with CUDA and "
-                                                               "onnxruntime-gpu")
 def test_bench_on_gpu_uses_cuda_for_torch_and_onnx_runtime(artifacts, tmp_path):
     folder = shutil.copytree(artifacts, tmp_path / "out", ignore=shutil.ignore_patterns("bench.*"))
     assert run_cli(folder, "--backends", "torch,ort-cuda", *FAST) == 0
@@ -201,10 +219,8 @@ def test_bench_on_gpu_uses_cuda_for_torch_and_onnx_runtime(artifacts, tmp_path):
 
 @pytest.mark.tensorrt
 def test_bench_times_an_engine_within_its_profiles(artifacts, tmp_path):
-    from mbexport.engine import Profile, build_engine, tensorrt_available
+    from mbexport.engine import Profile, build_engine
 
-    if not tensorrt_available():
-        pytest.skip("TensorRT is not installed (pip install tensorrt-cu12, on a GPU machine)")
     folder = shutil.copytree(artifacts, tmp_path / "out", ignore=shutil.ignore_patterns("bench.*"))
     task = get_task("qa")
     plan = folder / task.name / "model.fp32.plan"
@@ -217,3 +233,57 @@ def test_bench_times_an_engine_within_its_profiles(artifacts, tmp_path):
     rows = {r["batch"]: r for r in json.loads((folder / "bench.json").read_text())["results"]}
     assert rows[1]["status"] == "ok" and rows[1]["device"] == "cuda" and rows[1]["latency_ms"]["p50"] > 0
     assert rows[4]["status"] == "skipped" and "optimization profiles" in rows[4]["reason"]
+
+
+def bench_report(batches, sequences, runners, tasks=("question-answering",)):
+    """A bench.json as ``bench`` writes it, with made-up latencies: the plot's input."""
+    rows = [{"task": task, "backend": backend, "precision": precision, "status": "ok", "batch": batch,
+             "sequence": sequence, "latency_ms": {"p50": ms * batch * sequence / 128},
+             "sequences_per_s": 1000 * 128 / (ms * sequence)}
+            for task in tasks for (backend, precision), ms in runners.items() for batch in batches
+            for sequence in sequences]
+    return {"created": "2026-12-03T10:00:00+00:00", "device": {"cpu": "Some CPU", "cpu_count": 2, "gpu": None},
+            "versions": {"onnxruntime": "1.32.0", "torch": "2.13.0"}, "config": {"hidden_size": 64,
+            "num_hidden_layers": 2}, "settings": {"tasks": list(tasks), "iters": 10, "warmup": 2}, "results": rows}
+
+
+def test_the_plot_says_what_was_measured_where_and_in_what_units():
+    from mbexport.bench.report import figure
+
+    drawn = figure(bench_report([1, 8, 32], [128, 384], {("torch", "fp32"): 40.0, ("trt", "fp8"): 0.5},
+                                tasks=("question-answering", "masked-lm")))
+    axes = drawn.axes
+    titles = [axis.get_title() for axis in axes]
+    assert len(set(titles)) == 4 and titles[0] == "question-answering: p50 latency"
+    title = drawn.get_suptitle()
+    assert "Some CPU" in title and "hidden 64, 2 layers" in title and "p50 of 10 timed runs" in title
+    assert [axis.get_ylabel() for axis in axes[:2]] == ["p50 latency (ms)", "throughput (sequences/s)"]
+    assert all(axis.get_xlabel() == "batch size (sequences)" for axis in axes)
+    # a line per runner and sequence length, each through every batch size; one legend, outside the panels
+    assert all(len(line.get_xdata()) == 3 for axis in axes for line in axis.get_lines())
+    assert all(axis.get_legend() is None for axis in axes) and len(drawn.legends) == 1
+    drawn.canvas.draw()
+    renderer = drawn.canvas.get_renderer()
+    legend = drawn.legends[0].get_window_extent(renderer)
+    assert all(legend.y1 <= axis.get_tightbbox(renderer).y0 + 1 for axis in axes)
+    assert {t.get_text() for t in drawn.legends[0].get_texts()} == {"torch fp32", "trt fp8", "128 tokens",
+                                                                    "384 tokens"}
+    # 80x apart: a log axis whose labelled ticks do not overlap
+    latency = axes[0]
+    assert latency.get_yscale() == "log"
+    boxes = [t.get_window_extent(renderer) for t in latency.get_yticklabels() if t.get_visible() and t.get_text()]
+    assert len(boxes) >= 3 and not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_one_shape_is_drawn_as_labelled_bars():
+    """A single-batch, single-length run (bench's CPU default) gives bars with their values, not dots."""
+    from mbexport.bench.report import figure
+
+    drawn = figure(bench_report([1], [128], {("torch", "fp32"): 0.64, ("ort-cpu", "fp32"): 0.44,
+                                             ("ort-cpu", "int8"): 1.3}))
+    latency, throughput = drawn.axes
+    assert not latency.get_lines() and len(latency.patches) == 3
+    assert [t.get_text() for t in latency.get_yticklabels()] == ["torch fp32", "ort-cpu fp32", "ort-cpu int8"]
+    assert [t.get_text() for t in latency.texts] == ["0.64", "0.44", "1.30"]
+    assert [t.get_text() for t in throughput.texts] == ["1,562", "2,273", "769"]
+    assert latency.get_xlabel() == "p50 latency (ms)" and "batch 1 x 128 tokens" in drawn.get_suptitle()

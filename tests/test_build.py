@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mbexport.checkpoint.synthetic import make_example
+from mbexport.checkpoint.example import make_example
 from mbexport.errors import MbexportError, MissingDependencyError, ValidationFailed
 from mbexport.manifest import Manifest
 from mbexport.build import build
@@ -253,12 +253,9 @@ def test_recipes_command_lists_shipped_recipes(cli):
 
 @pytest.mark.tensorrt
 def test_engine_target_builds_and_runs(tmp_path, example):
-    from mbexport.engine import tensorrt_available, trt_runner
-
-    if not tensorrt_available():
-        pytest.skip("TensorRT is not installed (pip install tensorrt-cu12 from NVIDIA's index)")
     import numpy as np
 
+    from mbexport.engine import trt_runner
     from mbexport.inputs import sample_batch
     from mbexport.config import MegatronBertConfig
     from mbexport.runtime import ort_session
@@ -315,6 +312,22 @@ def test_the_live_display_draws_only_on_a_terminal():
         drawn = screen.getvalue()
         assert ("export [qa] fp32 (1/3)" in drawn and "reading the checkpoint" in drawn) == terminal, drawn
         assert terminal or drawn == ""
+
+
+def test_the_live_display_wraps_what_a_stage_does_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from mbexport.terminal import StageDisplay
+
+    screen = io.StringIO()
+    doing = "calibrating on 64 lines of calib.txt x 128 tokens (max), placing Q/DQ with Model Optimizer"
+    with StageDisplay(Console(file=screen, force_terminal=True, width=80, markup=False)).busy(
+            "quantize masked-lm int8 (2/3)", doing):
+        time.sleep(0.3)
+    drawn = screen.getvalue()
+    assert "…" not in drawn and all(word in drawn for word in doing.split()), drawn
 
 
 def test_a_cached_rerun_repeats_the_warnings_of_the_stages_it_skipped(qa_copy, example):

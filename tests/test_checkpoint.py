@@ -1,6 +1,8 @@
 """Every checkpoint layout reads back bit-exactly and converts to a folder transformers loads and matches."""
 
 import json
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -9,7 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mbexport.checkpoint import load_checkpoint, save_hf_folder  # noqa: E402
-from mbexport.checkpoint.synthetic import make_example, write_megatron, write_ngc_zip, write_torch_dist  # noqa: E402
+from checkpoints import write_megatron, write_torch_dist  # noqa: E402
+from mbexport.checkpoint.example import make_example, write_ngc_zip  # noqa: E402
 
 # (id, writer(tmp, state_dict, config) -> path, pass --num-heads, expected format, TP, PP)
 LAYOUTS = [
@@ -160,3 +163,20 @@ def test_example_is_seeded(tmp_path):
     c = load_checkpoint(make_example(tmp_path / "c", seed=2)[0]).state_dict
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["cls.predictions.bias"],
                                                                          c["cls.predictions.bias"])
+
+
+def test_example_is_reproducible_to_the_byte(tmp_path, cli):
+    """Two `mbexport example` runs with one seed write identical files (zip times, serialization, vocab); one
+    runs in its own process, where PyTorch's old serialization would have keyed storages by other addresses."""
+    for name, seed in (("a", "7"), ("c", "8")):
+        code, _, err = cli("example", str(tmp_path / name), "--seed", seed)
+        assert code == 0, err
+    subprocess.run([sys.executable, "-m", "mbexport", "example", str(tmp_path / "b"), "--seed", "7"], check=True,
+                   capture_output=True)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["example_bert_tiny_uncased.zip", "vocab.txt"]
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert (tmp_path / "a/example_bert_tiny_uncased.zip").read_bytes() != \
+        (tmp_path / "c/example_bert_tiny_uncased.zip").read_bytes()
+    with zipfile.ZipFile(tmp_path / "a/example_bert_tiny_uncased.zip") as archive:
+        assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}

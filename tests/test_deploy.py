@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -196,14 +195,15 @@ def test_run_never_substitutes_what_was_asked_for(artifacts, cli):
     built = "question-answering fp32 (onnx)"
     for args, problem in ((("--task", "nsp", "--text", "paris", "--text-pair", "rome"),
                            f"next-sentence was not built here (built: masked-lm fp32 (onnx); {built};"),
-                          ((*qa, "--precision", "fp16"), f"no fp16 artifact for question-answering (built: {built})"),
+                          ((*qa, "--precision", "FP16"), f"no fp16 artifact for question-answering (built: {built})"),
                           ((*qa, "--backend", "pytorch", "--precision", "int8"),
                            "the PyTorch reference runs fp32 only"),
                           (("--task", "mlm", "--text", "no mask here"), "put at least one [MASK] in 'text'")):
         code, out, err = cli("run", str(root), *args)
         assert code == 2 and problem in err and len(err.strip().splitlines()) == 1 and not out, (args, err)
     code, out, err = cli("run", str(root), "--task", "qa", "--question", QUESTION, "--context", CONTEXT)
-    assert code == 0 and err.strip() == "question-answering: onnxruntime, fp32, question-answering/model.fp32.onnx"
+    assert code == 0 and err.strip() == ("question-answering: onnxruntime on cpu, fp32, "
+                                         "question-answering/model.fp32.onnx")
     assert out.strip().startswith("'")  # the answer, after the line saying where it came from
 
 
@@ -216,8 +216,6 @@ def test_run_needs_a_vocab(artifacts, tmp_path):
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
-                    reason="TensorRT is not installed (it cannot be on the CPU machines)")
 def test_tensorrt_engine_answers_like_onnxruntime(artifacts, tmp_path):
     from mbexport.engine import Profile, build_engine
 

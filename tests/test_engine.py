@@ -168,10 +168,23 @@ def test_without_tensorrt_one_line_error_and_no_file(tmp_path, no_tensorrt):
         trt_runner(tmp_path / "m.plan")
 
 
+def test_tests_needing_tensorrt_or_a_gpu_skip_in_one_wording(no_tensorrt, monkeypatch):
+    import torch
+
+    import conftest
+
+    class Marked:  # what conftest's hook reads of a test marked tensorrt
+        def get_closest_marker(self, name):
+            return object() if name == "tensorrt" else None
+
+    with pytest.raises(pytest.skip.Exception, match=r"^needs TensorRT, not installed here \(pip install"):
+        conftest.pytest_runtest_setup(Marked())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert conftest.missing("gpu") == "needs a CUDA GPU, none visible to PyTorch here"
+
+
 @pytest.mark.tensorrt
 def test_engine_builds_and_matches_onnx_runtime(tmp_path):
-    if not tensorrt_available():
-        pytest.skip("TensorRT is not installed (pip install tensorrt-cu12 from NVIDIA's index)")
     from mbexport.runtime import ort_session
 
     onnx_path = identity_onnx(tmp_path / "m.onnx", QA)

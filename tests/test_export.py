@@ -210,7 +210,7 @@ def test_a_failed_check_leaves_nothing_behind(exported, tmp_path):
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-    from mbexport.checkpoint.synthetic import make_example
+    from mbexport.checkpoint.example import make_example
 
     return make_example(tmp_path_factory.mktemp("example"), seed=0)
 
@@ -301,7 +301,7 @@ def test_cli_export_missing_checkpoint_exits_2(cli, tmp_path):
 
 
 def test_a_folder_of_another_checkpoint_is_refused_and_stale_derivatives_are_dropped(example, tmp_path):
-    from mbexport.checkpoint.synthetic import make_example
+    from mbexport.checkpoint.example import make_example
 
     other, _ = make_example(tmp_path / "other", seed=1)
     with pytest.warns(UserWarning):

@@ -5,13 +5,12 @@ the mechanisms on small models: the checkpoint is hashed once per build, passes 
 (checked by their peak RSS in a child process), and their outputs equal the in-memory way's.
 """
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from mbexport.build import build
-from mbexport.checkpoint.synthetic import make_example
+from mbexport.checkpoint.example import make_example
 from mbexport.manifest import Manifest
 from mbexport.recipes import Recipe
 
@@ -165,7 +164,7 @@ def test_a_lazy_checkpoint_reads_the_same_tensors_without_making_them_up_front(m
 
     from mbexport.checkpoint import load_checkpoint
     from mbexport.checkpoint.lazy import LazyTensors
-    from mbexport.checkpoint.synthetic import write_megatron
+    from checkpoints import write_megatron
 
     write_megatron(tmp_path, megatron_bert.state_dict, megatron_bert.config, **layout)
     eager, lazy = load_checkpoint(tmp_path), load_checkpoint(tmp_path, lazy=True)
@@ -185,7 +184,7 @@ def sharded(megatron_bert, tmp_path_factory):
     """The conftest model as an fp16 TP=2 Megatron checkpoint (4 blocks), and its fp16 weights."""
     import torch
 
-    from mbexport.checkpoint.synthetic import write_megatron
+    from checkpoints import write_megatron
 
     half = {name: tensor.half() for name, tensor in megatron_bert.state_dict.items()}
     folder = tmp_path_factory.mktemp("tp2")
@@ -304,8 +303,7 @@ def test_validate_passes_a_model_with_external_data_with_the_figures_of_the_one_
     assert figures["one file"] == figures["external data"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
-                    reason="needs NVIDIA Model Optimizer (pip install 'mbexport[quant]')")
+@pytest.mark.quant
 def test_an_int8_build_past_2gb_keeps_external_data_through_quantization_and_validation(example, tmp_path,
                                                                                         monkeypatch):
     import mbexport.export.onnxfile as onnxfile

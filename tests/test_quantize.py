@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from mbexport.checkpoint.synthetic import example_config, make_example
+from mbexport.checkpoint.example import example_config, make_example
 from mbexport.errors import MbexportError, MissingDependencyError
 from mbexport.export import export
 from mbexport.inputs import sample_batch
@@ -24,9 +24,6 @@ from mbexport.validate import validate_artifact
 QA = get_task("qa")
 LINES = [f"the {w} of line {i} was read by the model" for i, w in enumerate(
     "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth".split())]
-needs_modelopt = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("modelopt") is None,
-    reason="NVIDIA Model Optimizer is not installed (pip install 'mbexport[quant]')")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +51,7 @@ def quantized(example, tmp_path_factory):
     return manifest
 
 
-@needs_modelopt
+@pytest.mark.quant
 def test_the_fp32_input_is_left_as_it_was(quantized):
     """Model Optimizer rewrites its input file in place: it must only ever see a copy."""
     fp32 = quantized.find(QA.name, "fp32", "onnx")[0]
@@ -62,7 +59,7 @@ def test_the_fp32_input_is_left_as_it_was(quantized):
     assert [p.name for p in quantized.path_of(fp32).parent.iterdir() if p.name.startswith(".")] == []  # no tmp
 
 
-@needs_modelopt
+@pytest.mark.quant
 @pytest.mark.parametrize("mode, zero_point", [("int8", "int8"), ("fp8", "float8_e4m3fn")])
 def test_qdq_placement_is_tensorrts(quantized, mode, zero_point):
     model = onnx.load(str(quantized.path_of(quantized.find(QA.name, mode, "onnx")[0])))
@@ -85,11 +82,13 @@ def test_qdq_placement_is_tensorrts(quantized, mode, zero_point):
             scale, zero = inits[dq.input[1]], inits[dq.input[2]]
             assert not zero.astype(np.float32).any() and zero.dtype.name == zero_point, "symmetric"
             assert scale.dtype == np.float16  # dequantizes into the fp16 remainder
-            if constant(producer[dq.input[0]].input[0]):  # weight: one scale per output column
+            if dq.input[0] in inits:  # weight, stored quantized: one scale per output column
                 weights += 1
-                assert index == 1 and scale.shape in ((64,), (256,))
+                assert index == 1 and scale.shape in ((64,), (256,)) and inits[dq.input[0]].dtype.name == zero_point
                 assert [a.i for a in dq.attribute if a.name == "axis"] == [1]
-            else:  # activation: one scale per tensor
+            else:  # activation, quantized as it runs: one scale per tensor
+                assert producer[dq.input[0]].op_type == "QuantizeLinear" and not constant(
+                    producer[dq.input[0]].input[0])
                 assert scale.shape == ()
     assert weights == 6 * 2  # Q, K, V, attention output, FFN in and out, in each of the 2 layers
     norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
@@ -104,7 +103,7 @@ def test_qdq_placement_is_tensorrts(quantized, mode, zero_point):
         producer.get(x) is not None and producer[x].op_type == "DequantizeLinear" for x in head[0].input)
 
 
-@needs_modelopt
+@pytest.mark.quant
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_quantized_qa_agrees_with_the_reference(quantized, mode):
     result = validate_artifact(quantized, quantized.find(QA.name, mode, "onnx")[0])
@@ -114,7 +113,94 @@ def test_quantized_qa_agrees_with_the_reference(quantized, mode):
     assert min(agreement.values()) >= 0.9, agreement
 
 
-@needs_modelopt
+@pytest.mark.parametrize("zero_point", ["int8", "float8_e4m3fn"])
+def test_folding_computes_quantize_linear_exactly_as_onnx_runtime(zero_point):
+    """Every fp16 value (infinities, subnormals, ties at x.5 included) against ONNX Runtime's own QuantizeLinear
+    with per-channel scales from tiny to huge: bitwise the same int8 / float8e4m3fn."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from mbexport.quantize.weights import quantize_linear
+
+    x = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(-1, 64)
+    if zero_point == "int8":
+        x = np.where(np.isnan(x), np.float16(0), x)  # NaN has no int8 (and a weight holding it is not folded)
+    scale = np.concatenate([np.float16([1, 0.5, 2, 0.25, 2**-10, 2**-14, 6e-8, 3, 0.1, 1 / 3, 127, 65504]),
+                            np.random.default_rng(0).uniform(1e-3, 0.05, 52)]).astype(np.float16)
+    kind = TensorProto.INT8 if zero_point == "int8" else TensorProto.FLOAT8E4M3FN
+    zero = helper.make_tensor("zero", kind, [64], [0] * 64)
+    graph = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["y"], axis=1)], "q",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, list(x.shape))],
+                              [helper.make_tensor_value_info("y", kind, list(x.shape))],
+                              [numpy_helper.from_array(scale, "scale"), zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    expected = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        folded = quantize_linear(numpy_helper.from_array(x), numpy_helper.from_array(scale), zero, axis=1)
+    assert folded.dtype.name == zero_point
+    assert np.array_equal(folded.view(np.uint8), expected.view(np.uint8))
+    assert len(np.unique(folded.view(np.uint8))) >= 250  # the whole range was exercised
+
+
+@pytest.mark.quant
+def test_weights_are_stored_quantized_and_every_output_is_unchanged(quantized, monkeypatch):
+    """The int8 / fp8 files store each quantized weight in one byte; the same graph with fp16 weights and
+    their QuantizeLinear (the fold switched off) gives bitwise the same outputs in ONNX Runtime."""
+    import mbexport.quantize.qdq as qdq
+    from mbexport.runtime import ort_session
+
+    fp32 = quantized.path_of(quantized.find(QA.name, "fp32", "onnx")[0])
+    config = example_config(len(load_tokenizer(quantized.root / "vocab.txt").get_vocab()))
+    with pytest.warns(UserWarning, match="no calibration text"):
+        batches = calibration_batches(QA, config, text=None, vocab=None, size=8, sequence=32)
+    feeds = [sample_batch(QA, config, batch, sequence) for batch, sequence in ((1, 8), (3, 64))]
+    for mode in ("int8", "fp8"):
+        folded = quantize_onnx(fp32, fp32.parent / f"folded.{mode}.onnx", mode=mode, calibration=batches)
+        with monkeypatch.context() as patch:
+            patch.setattr(qdq, "store_weights_quantized", lambda graph: 0)
+            plain = quantize_onnx(fp32, fp32.parent / f"plain.{mode}.onnx", mode=mode, calibration=batches)
+        graph = onnx.load(str(folded)).graph
+        inits = {t.name: t for t in graph.initializer}
+        assert not [n.name for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]
+        stored = [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+        kind = onnx.TensorProto.INT8 if mode == "int8" else onnx.TensorProto.FLOAT8E4M3FN
+        assert len(stored) == 12 and {t.data_type for t in stored} == {kind}
+        elements = sum(int(np.prod(t.dims)) for t in stored)
+        assert plain.stat().st_size - folded.stat().st_size >= elements  # 2 bytes -> 1 per weight
+        a, b = ort_session(folded), ort_session(plain)
+        for feed in feeds:
+            for x, y in zip(a.run(None, feed), b.run(None, feed)):
+                assert np.array_equal(x.view(np.uint32), y.view(np.uint32)), mode
+
+
+def test_identical_initializers_are_stored_once():
+    """Model Optimizer copies a weight two nodes read (the masked-LM decoder reads the word embeddings)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from mbexport.quantize.weights import store_weights_quantized
+
+    table = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float16)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["embedded"]),
+             helper.make_node("Transpose", ["table_copy"], ["decoder"], perm=[1, 0]),
+             helper.make_node("MatMul", ["embedded", "decoder"], ["logits"])]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, [3, 16])],
+                              [numpy_helper.from_array(table, "table"), numpy_helper.from_array(table, "table_copy")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    ids = {"ids": np.array([1, 5, 9], np.int64)}
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, ids)[0]
+    assert store_weights_quantized(model.graph) == 0
+    onnx.checker.check_model(model, full_check=True)
+    assert [t.name for t in model.graph.initializer] == ["table"]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, ids)[0]
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.quant
 def test_not_an_onnx_file_is_refused(tmp_path):
     bad = tmp_path / "model.fp32.onnx"
     bad.write_bytes(b"not onnx")
@@ -122,7 +208,7 @@ def test_not_an_onnx_file_is_refused(tmp_path):
         quantize_onnx(bad, tmp_path / "model.int8.onnx", calibration=[{}])
 
 
-@needs_modelopt
+@pytest.mark.quant
 def test_a_graph_without_a_trunk_is_refused(tmp_path):
     from onnx import TensorProto, helper
 
@@ -134,7 +220,7 @@ def test_a_graph_without_a_trunk_is_refused(tmp_path):
         quantize_onnx(path, tmp_path / "model.int8.onnx", calibration=[{"x": np.ones((1, 4), np.float32)}])
 
 
-@needs_modelopt
+@pytest.mark.quant
 def test_a_failed_quantization_leaves_nothing_behind(quantized, tmp_path):
     fp32 = quantized.path_of(quantized.find(QA.name, "fp32", "onnx")[0])
     out = tmp_path / "out" / "model.int8.onnx"

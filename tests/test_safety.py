@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mbexport.build import build
-from mbexport.checkpoint.synthetic import make_example
+from mbexport.checkpoint.example import make_example
 from mbexport.errors import MbexportError
 from mbexport.fsutil import LOCK, check_output, clean_leftovers, folder_lock
 from mbexport.manifest import Manifest
@@ -229,6 +229,22 @@ def test_the_rule_in_one_function(tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(MbexportError, match="dangling"):
         check_output(tmp_path / "dangling")
+
+
+def test_outputs_get_the_modes_the_umask_gives(example, tmp_path, cli):
+    """What users share (an output folder read by a server or a colleague) gets the modes their umask gives new
+    files, not the private 0600/0700 of the temporaries it was written as."""
+    old = os.umask(0o027)
+    try:
+        make_example(tmp_path / "example", seed=1)
+        assert cli("convert", example[0], "--out", tmp_path / "hf", "--vocab", example[1])[0] == 0
+        build(example[0], Recipe(name="test", task="mlm", precision="fp32", target="onnx"), out_dir=tmp_path / "out",
+              vocab=example[1])
+    finally:
+        os.umask(old)
+    paths = [p for root in ("example", "hf", "out") for p in (tmp_path / root, *(tmp_path / root).rglob("*"))]
+    assert {oct(p.stat().st_mode & 0o777) for p in paths if p.is_dir()} == {oct(0o750)}
+    assert {oct(p.stat().st_mode & 0o777) for p in paths if p.is_file()} == {oct(0o640)}
 
 
 # ---- class 3: concurrent writers -------------------------------------------------------------------------------------

@@ -212,7 +212,7 @@ def test_builtin_example_answers_on_every_backend_here(tmp_path, cli):
     """The issue's done-when: the built-in example, exported for QA, answers from text on the CPU with ONNX
     Runtime exactly as the PyTorch reference (rebuilt by validate from the checkpoint and the seeded head), and
     its Triton repository passes the same checks."""
-    from mbexport.checkpoint.synthetic import make_example
+    from mbexport.checkpoint.example import make_example
     from mbexport.export import export
 
     checkpoint, vocab = make_example(tmp_path / "checkpoint")

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 import tritonserver
-from mbexport.checkpoint.synthetic import make_example
+from mbexport.checkpoint.example import make_example
 from mbexport.config import MegatronBertConfig
-from mbexport.deploy.run import answer, sequence_length, text_pipeline
+from mbexport.deploy.run import SOURCE, answer, sequence_length, text_pipeline
 from mbexport.deploy.triton import write_repository
 from mbexport.manifest import Manifest
 from mbexport.build import build
@@ -137,7 +137,7 @@ def local_answer(root: Path, task: str, precision: str, row: dict) -> dict:
     """`mbexport run`'s answer for the same artifact, less the fields saying where it came from."""
     result = answer(root, task, row, precision=precision)
     assert result["backend"] == "onnxruntime" and result["precision"] == precision
-    return {k: v for k, v in result.items() if k not in ("task", "backend", "precision", "artifact")}
+    return {k: v for k, v in result.items() if k not in SOURCE}
 
 
 def same(a, b):

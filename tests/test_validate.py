@@ -1,6 +1,7 @@
 """Validation: passes on good artifacts, fails on tampered ones, and its agreement checks judge real tokens only."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -19,7 +20,7 @@ from mbexport.validate.checks import compare
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """An output folder with masked-LM fp32 + fp16 and a seeded question-answering fp32, from the example zip."""
-    from mbexport.checkpoint.synthetic import make_example
+    from mbexport.checkpoint.example import make_example
 
     zip_path, vocab = make_example(tmp_path_factory.mktemp("example"), seed=0)
     out = tmp_path_factory.mktemp("out") / "artifacts"
@@ -136,10 +137,10 @@ def test_bad_input_exits_2(folder, cli, tmp_path):
 
 def test_an_engine_is_skipped_without_tensorrt(folder):
     pytest.importorskip("polygraphy")
-    from mbexport.engine import tensorrt_available
+    from conftest import missing
 
-    if tensorrt_available():
-        pytest.skip("TensorRT is installed: the engine would really run")
+    if missing("tensorrt") is None:
+        pytest.skip("TensorRT is installed here: the engine would really run")
     plan = folder / "masked-lm" / "model.fp16.plan"
     plan.write_bytes(b"not an engine; never loaded here")
     manifest = Manifest.load(folder)
@@ -155,8 +156,8 @@ def test_an_engine_is_skipped_without_tensorrt(folder):
 
 
 @pytest.mark.tensorrt
+@pytest.mark.gpu  # validates on CUDA: ONNX Runtime's CUDA provider too
 def test_an_engine_validates_against_the_reference(folder):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (it cannot be installed on CPU-only CI)")
     from mbexport.engine import build_engine, default_profiles
 
     manifest = Manifest.load(folder)
@@ -246,3 +247,43 @@ def test_first_line_of_an_error_without_a_message():
     assert first_line(ValueError("bad graph\nat node 3")) == "bad graph"
     assert first_line(AssertionError()) == "AssertionError"
     assert len(first_line(RuntimeError("x" * 1000))) == 300
+
+
+def rendered(renderable, width: int) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=open(os.devnull, "w"), markup=False)
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_the_table_reads_at_80_columns_and_turns_into_lines_below():
+    """No cell cut with an ellipsis, no file name broken across lines, every number whole: at 80 columns as a
+    table (a row per file under its head), narrower as lines."""
+    from pathlib import Path
+
+    from mbexport.validate.checks import Check
+    from mbexport.validate.report import ArtifactResult, Report
+
+    def result(path, *checks, skipped=None):
+        task = path.split("/")[0] if "/" in path else "sequence-classification"
+        return ArtifactResult(task, "int8", "onnx", path, "0" * 64, checks=list(checks), skipped=skipped)
+
+    numbers = [Check("logits", "elementwise", True, {"max_abs_diff": 0.0269, "mean_abs_diff": 0.001}),
+               Check("logits", "cosine", False, {"cosine": 0.997721}),
+               Check("logits", "argmax", False, {"agreement": 0.9091})]
+    report = Report(Path("out"), "cpu", [], [
+        result("sequence-classification/seeded-head.safetensors", Check("-", "integrity", True)),
+        result("vocab.txt", Check("-", "integrity", True)),
+        result("sequence-classification/model.int8.onnx", *numbers),
+        result("sequence-classification/model.int8.plan",
+               skipped="TensorRT is not installed (pip install tensorrt-cu12 from NVIDIA's index)")])
+    wide, narrow = rendered(report.table(), 80), rendered(report.table(), 44)
+    for text, width in ((wide, 80), (narrow, 44)):
+        lines = text.splitlines()
+        assert "…" not in text and max(map(len, lines)) <= width, text
+        for name in ("seeded-head.safetensors", "vocab.txt", "model.int8.onnx", "model.int8.plan", "2.69e-02",
+                     "0.997721", "90.91%", "FAIL:", "argmax", "tensorrt-cu12"):
+            assert any(name in line for line in lines), (name, text)
+    assert "agreement" in wide and "  model.int8.onnx  " in wide  # a table: headers, padded cells
+    assert any(line.startswith("  model.int8.onnx: FAIL: logits cosine") for line in narrow.splitlines())

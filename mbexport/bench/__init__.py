@@ -23,6 +23,7 @@ from mbexport.errors import MbexportError, first_line
 from mbexport.fsutil import write_json_atomic
 from mbexport.inputs import sample_batch
 from mbexport.manifest import Artifact, Manifest, library_versions
+from mbexport.precisions import EXPORTED, PRECISIONS
 from mbexport.runtime import ort_session
 from mbexport.tasks import Task, get_task
 
@@ -100,12 +101,12 @@ def _check(settings: Settings, config: MegatronBertConfig, root: Path) -> None:
 
 
 def _tasks(manifest: Manifest, name: str | None) -> list[Task]:
+    task = get_task(name) if name is not None else None
     present = list(dict.fromkeys(a.task for a in manifest.artifacts if a.kind in ("onnx", "engine")))
     if not present:
         raise MbexportError("the manifest lists no ONNX model or engine to benchmark", manifest.root)
-    if name is None:
+    if task is None:
         return [get_task(t) for t in present]
-    task = get_task(name)
     if task.name not in present:
         raise MbexportError(f"no '{task.name}' artifacts here (found: {', '.join(present)})", manifest.root)
     return [task]
@@ -174,7 +175,8 @@ def _targets(backend: str, manifest: Manifest, task: Task, has_gpu: bool):
         if not source or not Path(source).exists():
             raise _Unavailable(f"the source checkpoint is not at {source}, so there is no reference to time")
         device = "cuda" if has_gpu and _torch_cuda() else "cpu"
-        precisions = ("fp32", "fp16") if device == "cuda" else ("fp32",)  # fp16 matmuls on a CPU are no target
+        precisions = ([p.name for p in PRECISIONS.values() if p.torch_dtype] if device == "cuda"
+                      else [EXPORTED])  # fp16 matmuls on a CPU are no target
         return [("reference", p, device, _torch_opener(manifest, task, device, p), always) for p in precisions]
     if backend in ("ort-cpu", "ort-cuda"):
         device = backend.removeprefix("ort-")
@@ -200,7 +202,7 @@ def _torch_opener(manifest: Manifest, task: Task, device: str, precision: str) -
 
         model = load_reference(manifest, task)
         model.export_form = False  # scaled_dot_product_attention and F.gelu: PyTorch's fast path
-        model.to(device=device, dtype=torch.float16 if precision == "fp16" else torch.float32)
+        model.to(device=device, dtype=getattr(torch, PRECISIONS[precision].torch_dtype))
         return lambda feed: torch_timer(model, feed, device)
     return open_
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from mbexport.config import MegatronBertConfig
+from mbexport.precisions import get_precision
 from mbexport.tasks import Task
 
 
@@ -21,29 +22,13 @@ def model_flops(config: MegatronBertConfig, task: Task, batch: int, sequence: in
     linears = 2 * tokens * (4 * h * h + 2 * h * ffn)  # Q, K, V, output projection; MLP up and down
     attention = 2 * 2 * rows * s * s * h  # Q @ K^T and probabilities @ V, all heads together
     trunk = config.num_hidden_layers * (linears + attention)
-    pooler = 2 * rows * h * h if task.pooler else 0
-    return trunk + pooler + _head_flops(config, task, rows, tokens)
+    head = sum(2 * (tokens if m.reads == "tokens" else rows) * m.multiply_adds(config) for m in task.weight_modules)
+    return trunk + head
 
 
-def _head_flops(config: MegatronBertConfig, task: Task, rows: int, tokens: int) -> int:
-    h, vocab, labels = config.hidden_size, config.vocab_size, config.num_labels
-    lm = 2 * tokens * (h * h + h * vocab)  # transform dense, then the tied decoder over the padded vocab
-    return {
-        "model": 0,
-        "masked-lm": lm,
-        "causal-lm": lm,
-        "next-sentence": 2 * rows * h * 2,
-        "pretraining": lm + 2 * rows * h * 2,
-        "sequence-classification": 2 * rows * h * labels,
-        "multiple-choice": 2 * rows * h,
-        "token-classification": 2 * tokens * h * labels,
-        "question-answering": 2 * tokens * h * 2,
-    }[task.name]
-
-
-# (device-name pattern, {precision: dense TFLOP/s (TOPS for int8)}); the first match wins, so the more
-# specific names come first. fp32 is left out on purpose: whether TF32 tensor cores are used depends on the
-# runtime's settings, so no single peak would be honest.
+# (device-name pattern, {math: dense TFLOP/s (TOPS for int8)}); the first match wins, so the more specific
+# names come first. A precision's ``math`` (the precision registry) picks the column; fp32 has none on purpose:
+# whether TF32 tensor cores are used depends on the runtime's settings, so no single peak would be honest.
 _PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
     (r"H100.*PCIe", {"fp16": 756.0, "int8": 1513.0, "fp8": 1513.0}),
     (r"H100.*NVL", {"fp16": 835.0, "int8": 1671.0, "fp8": 1671.0}),
@@ -58,9 +43,10 @@ _PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
 
 def dense_peak(device_name: str | None, precision: str) -> float | None:
     """The device's dense peak in TFLOP/s for ``precision``; None when unknown (CPUs, unlisted GPUs, fp32)."""
-    if not device_name:
+    math = get_precision(precision).math
+    if not device_name or math is None:
         return None
     for pattern, peaks in _PEAKS:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
-            return peaks.get(precision)
+            return peaks.get(math)
     return None

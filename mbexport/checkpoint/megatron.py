@@ -8,9 +8,11 @@ by ``checkpoint_version``'s row layout. Tensors stay views of what was loaded wh
 from __future__ import annotations
 
 import io
+import lzma
 import re
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -18,13 +20,18 @@ import torch
 
 from mbexport.checkpoint import names
 from mbexport.checkpoint.lazy import LazyTensors
-from mbexport.checkpoint.safe_load import torch_load
-from mbexport.errors import CheckpointError
+from mbexport.checkpoint.safe_load import ZIP_MAGIC, torch_load
+from mbexport.config import shown
+from mbexport.errors import CheckpointError, first_line
 
 TRACKER = "latest_checkpointed_iteration.txt"
-SHARD_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+TRACKER_LIMIT = 64  # bytes: "release" or an iteration number
+ITERATION = re.compile(r"^(release|[0-9]{1,12})$")
+SHARD_DIR = re.compile(r"^mp_rank_([0-9]{2})(?:_([0-9]{3}))?$")
 # A rank's file (Megatron-LM has called it both names) and the iteration folder that holds it.
-SHARD_FILE = re.compile(r"^(?:(.*)/)?mp_rank_(\d{2})(?:_(\d{3}))?/(?:model_optim_rng|model_rng)\.pt$")
+SHARD_FILE = re.compile(r"^(?:(.*)/)?mp_rank_([0-9]{2})(?:_([0-9]{3}))?/(?:model_optim_rng|model_rng)\.pt$")
+FOLDER_DEPTH = 3  # tracker, iteration folder, rank folder: files deeper than this are not looked at
+CHECKPOINT_VERSIONS = (0, 1, 2, 3)  # 1.0, 2.0 and 3.0 as Megatron wrote them; 0 when absent
 
 # Row layout of the fused QKV by checkpoint_version (s: which of Q/K/V, n: head, d: dim within the head).
 QKV_LAYOUTS = {0: "snd", 1: "nds", 2: "nsd"}
@@ -32,7 +39,7 @@ QKV_LAYOUTS = {0: "snd", 1: "nds", 2: "nsd"}
 
 def qkv_layout(version) -> str:
     """Layout for a ``checkpoint_version`` (absent = 0; 1.0 may be stored as int 1; 3.0 and Core = 2.0's)."""
-    return QKV_LAYOUTS[min(int(float(version or 0)), 2)]
+    return QKV_LAYOUTS[min(int(version or 0), 2)]
 
 
 def deinterleave_qkv(tensor: torch.Tensor, heads: int, layout: str) -> torch.Tensor:
@@ -54,7 +61,7 @@ class Files:
         self.path = path
         self.archive = None
         if path.is_dir():
-            self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+            self.names = sorted(_files_under(path, FOLDER_DEPTH))
         else:
             try:
                 self.archive = zipfile.ZipFile(path)
@@ -65,22 +72,71 @@ class Files:
     def display(self, name: str) -> Path:
         return self.path / name
 
-    def read_text(self, name: str) -> str:
-        if self.archive:
-            return self.archive.read(name).decode().strip()
-        return (self.path / name).read_text().strip()
+    def read_tracker(self, name: str) -> str:
+        """The iteration folder a ``latest_checkpointed_iteration.txt`` names (read at most TRACKER_LIMIT bytes)."""
+        if not self.archive:
+            return read_tracker(self.path / name)
+        info = self._member(name)
+        if info.file_size > TRACKER_LIMIT:
+            raise CheckpointError(f"is {info.file_size:,} bytes; a tracker file is 'release' or an iteration number",
+                                  self.display(name))
+        try:
+            with self._open(info) as f:
+                data = f.read(TRACKER_LIMIT + 1)
+        except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError) as error:
+            raise CheckpointError(f"cannot read the zip member: {first_line(error, 200)}", self.display(name)) from None
+        return iteration_folder(data, self.display(name))
 
     def load(self, name: str):
         if not self.archive:
             return load_file(self.path / name)
+        info = self._member(name)
+        with self._open(info) as f:
+            return torch_load(f, self.display(name), size=info.file_size)
+
+    def _member(self, name: str) -> zipfile.ZipInfo:
         try:
             info = self.archive.getinfo(name)
         except KeyError:
             raise CheckpointError("missing member", self.display(name)) from None
-        stored = info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1
-        # A stored member is read straight from the archive; others through zipfile (seekable, but slower).
-        with (io.BufferedReader(StoredMember(self.path, info), 1 << 20) if stored else self.archive.open(name)) as f:
-            return torch_load(f, self.display(name))
+        if info.flag_bits & 1:
+            raise CheckpointError("the zip member is encrypted; mbexport reads only unencrypted archives",
+                                  self.display(name))
+        if info.file_size > INFLATE_FLOOR and info.file_size > INFLATE_RATIO * info.compress_size:
+            raise CheckpointError(f"the zip member would inflate {info.file_size // max(info.compress_size, 1):,}x "
+                                  f"({info.compress_size:,} to {info.file_size:,} bytes); model weights barely "
+                                  "compress, so this is not read (a zip bomb?)", self.display(name))
+        if info.compress_type not in ZIP_METHODS:
+            raise CheckpointError(f"the zip member uses compression method {info.compress_type}, which mbexport "
+                                  "cannot read (stored, deflate, bzip2 and lzma are read)", self.display(name))
+        return info
+
+    def _open(self, info: zipfile.ZipInfo):
+        """A stored member straight from the archive; others through zipfile (seekable, but slower)."""
+        if info.compress_type == zipfile.ZIP_STORED:
+            return io.BufferedReader(StoredMember(self.path, info), 1 << 20)
+        return self.archive.open(info)
+
+
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+# A zip member over INFLATE_FLOOR bytes may inflate at most INFLATE_RATIO times: weights (floats) barely
+# compress (about 1.1x with deflate), zeros and junk a thousandfold.
+INFLATE_FLOOR, INFLATE_RATIO = 1 << 26, 10
+
+
+def _files_under(folder: Path, depth: int) -> list[str]:
+    """Relative paths of the files at most ``depth`` levels down (a checkpoint is never deeper)."""
+    found, level = [], [folder]
+    for _ in range(depth):
+        below = []
+        for directory in level:
+            for entry in sorted(directory.iterdir()):
+                if entry.is_file():
+                    found.append(entry.relative_to(folder).as_posix())
+                elif entry.is_dir() and not entry.name.startswith("."):
+                    below.append(entry)
+        level = below
+    return found
 
 
 class StoredMember(io.RawIOBase):
@@ -134,15 +190,28 @@ class Shard:
     pp: int
     chunks: list[dict[str, torch.Tensor]]
     args: object = None
-    version: object = None
-    iteration: object = None
+    version: float | None = None
+    iteration: int | None = None
     mcore: bool = field(default=False)
+    fp8_scaling: bool = False  # Transformer Engine _extra_state holds FP8 scaling factors (not used)
 
 
-def iteration_folder(tracker_text: str) -> str | None:
-    """The folder ``latest_checkpointed_iteration.txt`` names: ``release`` or ``iter_0000123``."""
-    text = tracker_text.strip()
-    return "release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else None
+def read_tracker(path: Path) -> str:
+    """The iteration folder a tracker file on disk names."""
+    size = path.stat().st_size
+    if size > TRACKER_LIMIT:
+        raise CheckpointError(f"is {size:,} bytes; a tracker file is 'release' or an iteration number", path)
+    with open(path, "rb") as f:
+        return iteration_folder(f.read(TRACKER_LIMIT + 1), path)
+
+
+def iteration_folder(data: bytes, path: Path) -> str:
+    """The folder a tracker file's bytes name: ``release`` or ``iter_0000123`` (ASCII digits only)."""
+    text = data.strip().decode("utf-8", errors="replace")
+    if len(data) > TRACKER_LIMIT or not ITERATION.match(text):
+        raise CheckpointError(f"{TRACKER} says {shown(text)}, expected 'release' or an iteration number (ASCII "
+                              "digits)", path)
+    return "release" if text == "release" else f"iter_{int(text):07d}"
 
 
 def shard_files(files: Files) -> dict[tuple[int, int], str]:
@@ -154,11 +223,7 @@ def shard_files(files: Files) -> dict[tuple[int, int], str]:
             by_folder.setdefault(match[1] or "", {})[(int(match[2]), int(match[3] or 0))] = name
     trackers = sorted((n for n in files.names if PurePosixPath(n).name == TRACKER), key=len)
     if trackers:
-        text = files.read_text(trackers[0])
-        iteration = iteration_folder(text)
-        if iteration is None:
-            raise CheckpointError(f"{TRACKER} says '{text}', expected 'release' or an iteration number",
-                                  files.display(trackers[0]))
+        iteration = files.read_tracker(trackers[0])
         folder = (PurePosixPath(trackers[0]).parent / iteration).as_posix()
         if folder not in by_folder:
             raise CheckpointError(f"{TRACKER} names {iteration}, which has no mp_rank_*/model_optim_rng.pt "
@@ -172,7 +237,7 @@ def shard_files(files: Files) -> dict[tuple[int, int], str]:
 
 def load_file(path: Path):
     with open(path, "rb") as f:
-        is_zip_format = f.read(4) == b"PK\x03\x04"  # mmap works only with PyTorch's zip serialization
+        is_zip_format = f.read(4) == ZIP_MAGIC  # mmap works only with PyTorch's zip serialization
     return torch_load(path, path, mmap=is_zip_format)
 
 
@@ -180,27 +245,69 @@ def read_shard(data, path: Path, tp: int, pp: int) -> Shard:
     """Keep only what conversion needs from one rank's file (the model, args, version, iteration)."""
     if not isinstance(data, dict):
         raise CheckpointError("not a Megatron checkpoint (top level is not a dict)", path)
-    keys = ["model"] if "model" in data else sorted((k for k in data if re.fullmatch(r"model\d+", str(k))),
+    keys = ["model"] if "model" in data else sorted((k for k in data if re.fullmatch(r"model[0-9]{1,3}", str(k))),
                                                     key=lambda k: int(k[5:]))
     if not keys:
         raise CheckpointError("not a Megatron checkpoint (no 'model' entry)", path)
     chunks = [flatten(data[k], path) for k in keys]
     mcore = not any(key.startswith("language_model.") for chunk in chunks for key in chunk)
-    return Shard(path, tp, pp, chunks, data.get("args"), data.get("checkpoint_version"), data.get("iteration"), mcore)
+    extra_states = [extra_state_bytes(v) for chunk in chunks for k, v in chunk.items() if k.endswith("_extra_state")]
+    return Shard(path, tp, pp, chunks, data.get("args"), checkpoint_version(data.get("checkpoint_version"), path),
+                 whole_number(data.get("iteration")), mcore, fp8_scaling(extra_states))
 
 
-def flatten(tree, path: Path, prefix: str = "") -> dict:
+def checkpoint_version(value, path: Path) -> float | None:
+    """``checkpoint_version`` as Megatron-LM wrote it (absent, 0, 1.0, 2.0 or 3.0); anything else is refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in CHECKPOINT_VERSIONS:
+        raise CheckpointError(f"checkpoint_version {shown(value)} is not one Megatron-LM writes (absent, 0, 1.0, 2.0, "
+                              "3.0)", path)
+    return float(value)
+
+
+def whole_number(value) -> int | None:
+    """A recorded count (iteration, real vocab size) when it is a plain non-negative int; None otherwise, since it
+    is only reported."""
+    return value if type(value) is int and 0 <= value < 1 << 63 else None
+
+
+# Keys Transformer Engine pickles into _extra_state only for delayed FP8 scaling (amax history and scales), as
+# Megatron-LM's _FP8_PERSISTENT_EXTRA_STATE_MARKERS (megatron/training/checkpointing.py) recognizes them.
+FP8_MARKERS = (b"amax_history_fwd", b"scale_fwd", b"scale_bwd")
+
+
+def extra_state_bytes(value) -> bytes:
+    """The serialized bytes of a Transformer Engine ``_extra_state``: a uint8 tensor, a pickled BytesIO (an inert
+    stand-in here) or raw bytes; nothing of it is unpickled."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    state = getattr(value, "state", None) or getattr(value, "args", None) or ()
+    return b"".join(part for part in state if isinstance(part, (bytes, bytearray)))
+
+
+def fp8_scaling(extra_states: list[bytes]) -> bool:
+    return any(marker in blob for blob in extra_states for marker in FP8_MARKERS)
+
+
+def flatten(tree, path: Path, prefix: str = "", depth: int = 0) -> dict:
     if not isinstance(tree, dict):
         raise CheckpointError(f"'{prefix or 'model'}' is not a dict of tensors", path)
+    if depth > 8:
+        raise CheckpointError(f"'{prefix}' is nested deeper than any Megatron model", path)
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        flat.update(flatten(value, path, f"{name}.") if isinstance(value, dict) else {name: value})
+        flat.update(flatten(value, path, f"{name}.", depth + 1) if isinstance(value, dict) else {name: value})
     return flat
 
 
-def merge_shards(shards: list[Shard], heads: int, *, lazy: bool = False) -> dict[str, torch.Tensor] | LazyTensors:
-    """Join pipeline stages and merge tensor-parallel ranks into Hugging Face names (consumes ``shards``).
+def merge_shards(shards: list[Shard], heads: int, *, lazy: bool = False
+                 ) -> tuple[dict[str, torch.Tensor] | LazyTensors, list[str]]:
+    """Join pipeline stages and merge tensor-parallel ranks into Hugging Face names (consumes ``shards``); also
+    return notes on what was read differently from the file (see ``_to_hf_names``).
 
     ``lazy``: merge each tensor only when it is read (``LazyTensors``), so the merged model is never held whole.
     """
@@ -215,17 +322,14 @@ def merge_shards(shards: list[Shard], heads: int, *, lazy: bool = False) -> dict
     versions = {str(s.version) for s in shards}
     if len(versions) > 1:
         raise CheckpointError(f"shards disagree on checkpoint_version ({', '.join(sorted(versions))})", shards[0].file)
-    try:
-        layout = "nsd" if shards[0].mcore else qkv_layout(shards[0].version)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"unknown checkpoint_version {shards[0].version!r}", shards[0].file) from None
+    layout = "nsd" if shards[0].mcore else qkv_layout(shards[0].version)
     ranks = [_join_stages([s for s in shards if s.tp == t], pp) for t in range(tp)]
     if heads % tp:
         raise CheckpointError(f"{heads} attention heads cannot be split over {tp} tensor-parallel ranks "
                               "(set the head count with --num-heads)", shards[0].file)
     shards.clear()
-    merged = _merge_ranks(ranks, heads, layout)
-    return merged if lazy else merged.materialized()
+    merged, notes = _merge_ranks(ranks, heads, layout)
+    return (merged if lazy else merged.materialized()), notes
 
 
 def _join_stages(stages: list[Shard], pp: int) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -243,7 +347,7 @@ def _join_stages(stages: list[Shard], pp: int) -> tuple[Path, dict[str, torch.Te
                 if name is None:
                     continue
                 if not names.is_known(name):
-                    raise CheckpointError(f"unexpected tensor {key}", stage.file)
+                    raise CheckpointError(f"unexpected tensor {key[:200]}{'...' if len(key) > 200 else ''}", stage.file)
                 layer, rest = names.split_layer(name)
                 if layer is not None:
                     name = f"layers.{(v * pp + stage.pp) * per_chunk + layer}.{rest}"
@@ -254,7 +358,7 @@ def _join_stages(stages: list[Shard], pp: int) -> tuple[Path, dict[str, torch.Te
     return stages[0].file, joined
 
 
-def _merge_ranks(ranks: list[tuple[Path, dict]], heads: int, layout: str) -> LazyTensors:
+def _merge_ranks(ranks: list[tuple[Path, dict]], heads: int, layout: str) -> tuple[LazyTensors, list[str]]:
     """Check the ranks against each other and list how each Hugging Face tensor is made from their parts."""
     (file0, first), tp = ranks[0], len(ranks)
     for file, rank in ranks[1:]:
@@ -323,11 +427,24 @@ def _check_concat(parts: list[torch.Tensor], dim: int | None, name: str, files: 
                                   f"{list(part.shape)} vs {list(parts[0].shape)}", file)
 
 
-def _to_hf_names(merged: LazyTensors, file: Path) -> LazyTensors:
-    untied = merged.pop(names.UNTIED_OUTPUT)
-    if untied is not None:
-        word = merged.get("word_embeddings.weight")
-        if word is None or untied.shape != word.shape or not torch.equal(untied, word):
-            raise CheckpointError("output_layer.weight is not tied to the word embeddings, which Hugging Face's "
-                                  "MegatronBert requires", file)
-    return merged.renamed(lambda name: name if name.startswith("bert.") else names.to_hf(name))
+def _to_hf_names(merged: LazyTensors, file: Path) -> tuple[LazyTensors, list[str]]:
+    """Hugging Face names, with Megatron-Core's optional output layer made to fit Hugging Face's MLM head.
+
+    ``BertModel(apply_lm_head=False)`` projects the encoder output straight to the vocab: no ``lm_head``, an
+    ``output_layer`` Hugging Face's MegatronBert cannot express, so it is left out (no masked-LM head).
+    ``output_layer_bias=False`` has no bias: a zero bias is the same function."""
+    notes = []
+    if not any(name.startswith("lm_head.dense.") for name in merged):
+        if {"lm_head.bias", names.UNTIED_OUTPUT} & merged.keys():
+            notes.append("the checkpoint's output_layer has no BertLMHead (apply_lm_head=False): it is not read, and "
+                         "there is no masked-LM head")
+        merged = merged.selected([name for name in merged if name not in ("lm_head.bias", names.UNTIED_OUTPUT)])
+    untied = merged.pop(names.UNTIED_OUTPUT, None)
+    word = merged.get("word_embeddings.weight") if untied is not None or "lm_head.bias" not in merged else None
+    if untied is not None and (word is None or untied.shape != word.shape or not torch.equal(untied, word)):
+        raise CheckpointError("output_layer.weight is not tied to the word embeddings, which Hugging Face's "
+                              "MegatronBert requires", file)
+    if "lm_head.dense.weight" in merged and "lm_head.bias" not in merged and isinstance(word, torch.Tensor):
+        merged.add("lm_head.bias", _first, torch.zeros(word.shape[0], dtype=word.dtype))
+        notes.append("output_layer has no bias (output_layer_bias=False): read as a zero bias")
+    return merged.renamed(lambda name: name if name.startswith("bert.") else names.to_hf(name)), notes

@@ -2,8 +2,8 @@
 
 Readers rename a checkpoint's keys to *canonical* names (Megatron-LM's 2020 names without the
 ``language_model.{embedding,transformer}.`` prefixes, e.g. ``layers.3.attention.query_key_value.weight``),
-merge tensor-parallel ranks there, then map to Hugging Face MegatronBert names. Writers in
-``synthetic.py`` walk the same tables backwards, so one table serves both directions.
+merge tensor-parallel ranks there, then map to Hugging Face MegatronBert names. The example writer
+(``example.py``) and the tests' writers walk the same tables backwards, so one table serves both directions.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import re
 
 from mbexport.config import MegatronBertConfig
 from mbexport.errors import CheckpointError
+from mbexport.tasks import module_groups
 
 # Any era's key -> canonical key; applied in order (docs/megatron-checkpoints.md sections 1, 2 and 5).
 ALIASES: tuple[tuple[str, str], ...] = tuple((re.compile(p), r) for p, r in (
@@ -63,7 +64,7 @@ TP_SPLIT_DIM = {
     "mlp.dense_h_to_4h.weight": 0, "mlp.dense_h_to_4h.bias": 0, "lm_head.bias": 0,
     "attention.dense.weight": 1, "mlp.dense_4h_to_h.weight": 1,
 }
-LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+LAYER = re.compile(r"^layers\.([0-9]{1,6})\.(.+)$")
 
 # Hugging Face keys that are not parameters of their own: the decoder is tied to the word embeddings.
 HF_DROPPED = re.compile(r"^cls\.predictions\.decoder\.|(^|\.)position_ids$")
@@ -113,10 +114,12 @@ _GLOBAL_FROM_HF = {hf: c for c, hf in GLOBAL_TO_HF.items()}
 
 
 def expected_shapes(config: MegatronBertConfig, state_dict: dict) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Shapes of every tensor by group: ``trunk`` is required, each other group is all-or-nothing."""
-    h, v, f = config.hidden_size, config.vocab_size, config.intermediate_size
+    """Shapes of every tensor by group: ``trunk`` is required; each other group, the pooler and the head modules
+    of the task registry, is all-or-nothing. A module heads declare with different sizes (the classifier: labels
+    or one score) takes the checkpoint's own row count: which head it serves is ``tasks.modules_in``'s call."""
+    h, f = config.hidden_size, config.intermediate_size
     trunk = {
-        "bert.embeddings.word_embeddings.weight": (v, h),
+        "bert.embeddings.word_embeddings.weight": (config.vocab_size, h),
         "bert.embeddings.position_embeddings.weight": (config.max_position_embeddings, h),
         "bert.embeddings.token_type_embeddings.weight": (config.type_vocab_size, h),
     }
@@ -128,17 +131,13 @@ def expected_shapes(config: MegatronBertConfig, state_dict: dict) -> dict[str, d
             trunk.update({f"bert.encoder.layer.{i}.{module}.weight": shape,
                           f"bert.encoder.layer.{i}.{module}.bias": shape[:1]})
     trunk.update({"bert.encoder.ln.weight": (h,), "bert.encoder.ln.bias": (h,)})
-    labels = state_dict["classifier.weight"].shape[0] if "classifier.weight" in state_dict else config.num_labels
-    return {
-        "trunk": trunk,
-        "pooler": {"bert.pooler.dense.weight": (h, h), "bert.pooler.dense.bias": (h,)},
-        "lm": {"cls.predictions.bias": (v,), "cls.predictions.transform.dense.weight": (h, h),
-               "cls.predictions.transform.dense.bias": (h,), "cls.predictions.transform.LayerNorm.weight": (h,),
-               "cls.predictions.transform.LayerNorm.bias": (h,)},
-        "nsp": {"cls.seq_relationship.weight": (2, h), "cls.seq_relationship.bias": (2,)},
-        "classifier": {"classifier.weight": (labels, h), "classifier.bias": (labels,)},
-        "qa": {"qa_outputs.weight": (2, h), "qa_outputs.bias": (2,)},
-    }
+    groups = {"trunk": trunk}
+    for group, declared in module_groups().items():
+        weight = state_dict.get(f"{declared[0].name}.weight")
+        varies = len({tuple(m.shapes(config).items()) for m in declared}) > 1
+        rows = weight.shape[0] if varies and getattr(weight, "ndim", 0) == 2 else None
+        groups[group] = declared[0].shapes(config, rows)
+    return groups
 
 
 def check_state_dict(state_dict: dict, config: MegatronBertConfig, path) -> list[str]:

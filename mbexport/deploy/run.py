@@ -14,22 +14,20 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mbexport.config import MegatronBertConfig
-from mbexport.deploy.serving import TEXT_HEADS, RequestError, TextPipeline
+from mbexport.deploy.serving import RequestError, TextPipeline
 from mbexport.engine import tensorrt_available, trt_runner
 from mbexport.errors import MbexportError
 from mbexport.manifest import Artifact, Manifest
-from mbexport.runtime import ort_session
-from mbexport.tasks import Task, get_task
-from mbexport.text import load_tokenizer
+from mbexport.precisions import EXPORTED, RUNTIMES, get_precision
+from mbexport.runtime import ort_session, providers
+from mbexport.tasks import TASKS, Task, get_task
+from mbexport.text import VOCAB, load_tokenizer
 
-BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
-KINDS = {"tensorrt": "engine", "onnxruntime": "onnx"}
-# Which precision a backend prefers when several were built: fp16 is TensorRT's usual pick; on the CPU fp32
-# is both the fastest and the exact one.
-PREFERENCE = {"tensorrt": ("fp16", "fp8", "int8", "fp32"), "onnxruntime": ("fp32", "fp16", "int8", "fp8")}
-VOCAB = "vocab.txt"
+BACKENDS = (*RUNTIMES, "pytorch")  # the runtimes of built artifacts, and the checkpoint's reference
+KINDS = {name: runtime.kind for name, runtime in RUNTIMES.items()}
 DEFAULT_SEQUENCE = 384  # without an engine's profiles: the default engine profile's max (SQuAD's usual length)
 PAD_LENGTHS = (16, 32, 64, 128, 256)  # shorter lengths a padded request may take below the longest
+SOURCE = ("task", "backend", "device", "precision", "artifact")  # an answer's fields saying where it came from
 
 
 def sequence_length(config: MegatronBertConfig, artifact: Artifact | None) -> int:
@@ -53,8 +51,7 @@ def text_pipeline(manifest: Manifest, task: Task, *, vocab: str | Path | None = 
                   pad_lengths: Sequence[int] = (), top_k: int = 5) -> tuple[TextPipeline, Path]:
     """The serving pipeline for an output folder's head: its vocab (unless ``vocab`` is given) and its label
     names; and the vocab file it read."""
-    if task.name not in TEXT_HEADS:
-        raise MbexportError(f"no text-in, answer-out pipeline for '{task.name}' (supported: {', '.join(TEXT_HEADS)})")
+    _require_text_head(task)
     if vocab is None:
         recorded = manifest.find(kind="vocab")
         vocab = manifest.trusted_path(recorded[0]) if recorded else manifest.root / VOCAB
@@ -63,14 +60,15 @@ def text_pipeline(manifest: Manifest, task: Task, *, vocab: str | Path | None = 
                                 "WordPiece vocab)", manifest.root)
     config = MegatronBertConfig.from_hf_dict(manifest.config)
     labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
-    pipeline = TextPipeline(task.name, load_tokenizer(vocab), labels=labels, max_length=max_length,
+    pipeline = TextPipeline(task.serving, load_tokenizer(vocab), labels=labels, max_length=max_length,
                             pad_lengths=pad_lengths, top_k=top_k)
     return pipeline, Path(vocab)
 
 
 def _require_text_head(task: Task) -> None:
-    if task.name not in TEXT_HEADS:
-        raise MbexportError(f"no text-in, answer-out pipeline for '{task.name}' (supported: {', '.join(TEXT_HEADS)})")
+    if task.serving is None:
+        supported = ", ".join(t.name for t in TASKS.values() if t.serving)
+        raise MbexportError(f"no text-in, answer-out pipeline for '{task.name}' (supported: {supported})")
 
 
 def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backend: str = "auto",
@@ -78,6 +76,7 @@ def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backen
     """The answer for one example, plus which backend and artifact produced it."""
     manifest = Manifest.load(artifacts)
     task = get_task(task)
+    precision = get_precision(precision).name if precision is not None else None
     _require_text_head(task)  # before loading anything
     used, artifact = choose(manifest, task, backend, precision)
     config = MegatronBertConfig.from_hf_dict(manifest.config)
@@ -89,9 +88,9 @@ def answer(artifacts: str | Path, task: str, texts: Mapping[str, str], *, backen
         raise MbexportError(str(error)) from None
     with _runner(manifest, task, used, artifact, device) as runner:
         outputs = {name: np.asarray(value) for name, value in runner.infer(feed).items()}
-    result = pipeline.answers(feed, outputs)[0]
-    return {"task": task.name, "backend": used, "precision": artifact.precision if artifact else "fp32",
-            "artifact": artifact.path if artifact else None, **result}
+    source = (task.name, used, _device(used, device), artifact.precision if artifact else EXPORTED,
+              artifact.path if artifact else None)
+    return {**dict(zip(SOURCE, source)), **pipeline.answers(feed, outputs)[0]}
 
 
 def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str | None = None
@@ -103,8 +102,8 @@ def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str
     if backend not in ("auto", *BACKENDS):
         raise MbexportError(f"unknown backend '{backend}' (choose auto, {', '.join(BACKENDS)})")
     if backend == "pytorch":
-        if precision not in (None, "fp32"):
-            raise MbexportError(f"the PyTorch reference runs fp32 only, not {precision}")
+        if precision not in (None, EXPORTED):
+            raise MbexportError(f"the PyTorch reference runs {EXPORTED} only, not {precision}")
         return backend, None
     built = [a for a in manifest.artifacts if a.kind in KINDS.values()]
     if not any(a.task == task.name for a in built):
@@ -119,11 +118,19 @@ def choose(manifest: Manifest, task: Task, backend: str = "auto", precision: str
             reasons.append("TensorRT is not installed")
             continue
         found = {a.precision: a for a in own if a.kind == KINDS[name]}
-        pick = found.get(precision) if precision else next((found[p] for p in PREFERENCE[name] if p in found), None)
+        preferred = (precision,) if precision else RUNTIMES[name].preference
+        pick = next((found[p] for p in preferred if p in found), None)
         if pick is not None:
             return name, pick
         reasons.append(f"no {KINDS[name]}{f' {precision}' if precision else ''} artifact (built: {describe(own)})")
     raise MbexportError(f"cannot run {task.name} with --backend {backend}: {'; '.join(reasons)}", manifest.root)
+
+
+def _device(backend: str, device: str) -> str:
+    """Where the backend runs: TensorRT on the GPU, the reference on the CPU, ONNX Runtime where --device put it."""
+    if backend == "onnxruntime":
+        return "cuda" if providers(device)[0] == "CUDAExecutionProvider" else "cpu"
+    return "cuda" if backend == "tensorrt" else "cpu"
 
 
 def describe(artifacts: list[Artifact]) -> str:

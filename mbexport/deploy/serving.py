@@ -5,7 +5,7 @@
 mbexport. ``mbexport run`` imports it as ``mbexport.deploy.serving``, so a local answer is the server's answer.
 
 ``TEXT_HEADS`` is the one table of what each head reads as text and how its outputs become an answer, keyed
-by canonical task name (the task registry can refer to its entries).
+by canonical task name; the task registry names each head's entry (``Task.serving``), this file imports none.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import numpy as np
 
 VOCAB = "vocab.txt"
 SETTINGS = "serving.json"
-SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
-MASK = "[MASK]"
+# BERT's WordPiece special tokens: the one definition (mbexport.text and mbexport.inputs read them from here).
+CLS, SEP, PAD, UNK, MASK = "[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"
+SPECIAL_TOKENS = (CLS, SEP, PAD)  # never part of an answer
 
 
 class RequestError(ValueError):
@@ -52,7 +53,7 @@ def encode(tokenizer, texts: list[str], pairs: list[str] | None = None, *, max_l
                 rows[i] = encoding
     longest = max(len(e.ids) for e in rows)
     length = min((n for n in (*lengths, max_length) if n >= longest), default=longest) if pad_to_max else longest
-    pad = tokenizer.token_to_id("[PAD]")
+    pad = tokenizer.token_to_id(PAD)
 
     def padded(values: list[list[int]], fill: int) -> np.ndarray:
         return np.array([v + [fill] * (length - len(v)) for v in values], dtype=np.int64)

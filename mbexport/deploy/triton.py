@@ -13,7 +13,6 @@ modes the user's umask gives new files (a server running as another user must re
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from mbexport.errors import MbexportError
 from mbexport.fsutil import atomic_dir, check_output
 from mbexport.inputs import sample_batch
 from mbexport.manifest import Artifact, Manifest
+from mbexport.precisions import get_precision
 from mbexport.tasks import Task, get_task
 
 REQUESTED = "requested"  # artifact detail `build` sets on what it was asked for: deployed by default
@@ -66,17 +66,10 @@ def write_repository(artifacts: str | Path, repo: str | Path, *, tasks: list[str
             head = _Head(manifest, config, task, artifact, max_batch, instances, device)
             text = (text_pipeline(manifest, task, vocab=vocab, max_length=head.sequence,
                                   pad_lengths=padded_lengths(config, artifact))
-                    if task.name in serving.TEXT_HEADS else None)
+                    if task.serving else None)
             names += head.write(tmp, text)
         (tmp / MARKER).write_text(json.dumps({"artifacts": str(manifest.root.resolve()), "models": names}, indent=2))
-        tmp.chmod(0o777 & ~_umask())  # a temporary folder is private; everything inside already follows the umask
     return names
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _heads(manifest: Manifest, tasks: list[str] | None, precisions: list[str] | None) -> list[tuple[Task, Artifact]]:
@@ -87,7 +80,8 @@ def _heads(manifest: Manifest, tasks: list[str] | None, precisions: list[str] | 
     wanted = {get_task(t).name for t in tasks} if tasks else None
     built = [a for kind in ("onnx", "engine") for a in manifest.find(kind=kind) if wanted is None or a.task in wanted]
     if precisions:
-        selected = [a for a in built if a.precision in precisions]
+        names = {get_precision(p).name for p in precisions}
+        selected = [a for a in built if a.precision in names]
     else:
         requested = {a.task for a in built if a.details.get(REQUESTED)}
         selected = [a for a in built if a.task not in requested or a.details.get(REQUESTED)]

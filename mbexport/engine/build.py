@@ -18,9 +18,8 @@ from pathlib import Path
 from mbexport.engine.profiles import Profile
 from mbexport.errors import MbexportError, MissingDependencyError, first_line
 from mbexport.fsutil import atomic_file
+from mbexport.precisions import PRECISIONS, get_precision
 from mbexport.tasks import Task
-
-FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper
 
 
 @dataclass(frozen=True)
@@ -130,12 +129,16 @@ def environment() -> dict[str, str]:
 
 
 def check_gpu(precision: str, gpu: dict[str, str], *, source=None) -> None:
-    """FP8 kernels exist only from compute capability 8.9; say so before a long build fails obscurely."""
-    if precision != "fp8" or gpu["compute_capability"] == "unknown":
+    """Some precisions' kernels need a recent GPU (FP8: compute capability 8.9, Ada and Hopper); say so before a
+    long build fails obscurely."""
+    needed = get_precision(precision).min_capability
+    if needed is None or gpu["compute_capability"] == "unknown":
         return
-    if tuple(int(x) for x in gpu["compute_capability"].split(".")) < FP8_MIN_CAPABILITY:
-        raise MbexportError(f"FP8 engines need compute capability 8.9+ (Ada, Hopper); {gpu['gpu']} is "
-                            f"{gpu['compute_capability']}: build int8 or fp16 instead", source)
+    have = tuple(int(x) for x in gpu["compute_capability"].split("."))
+    if have < needed:
+        fits = [p.name for p in PRECISIONS.values() if p.min_capability is None or p.min_capability <= have]
+        raise MbexportError(f"{precision.upper()} engines need compute capability {needed[0]}.{needed[1]}+; "
+                            f"{gpu['gpu']} is {gpu['compute_capability']}: build {', '.join(fits)} instead", source)
 
 
 def build_engine(onnx_path: str | Path, out_path: str | Path, task: Task, profiles: list[Profile] | tuple[Profile, ...],

@@ -10,46 +10,49 @@ from pathlib import Path
 
 from mbexport.checkpoint import Checkpoint, load_checkpoint
 from mbexport.errors import MbexportError
-from mbexport.export.fp16 import convert_fp16
 from mbexport.export.fp32 import export_onnx
 from mbexport.fsutil import atomic_file, sha256_file
 from mbexport.manifest import MANIFEST, Manifest
 from mbexport.model import build_reference
+from mbexport.precisions import EXPORTED, OPSET, PRECISIONS, get_precision, made_by
 from mbexport.tasks import Task, get_task
+from mbexport.text import VOCAB
 
-PRECISIONS = ("fp32", "fp16")  # what export writes; int8 and fp8 come from the quantize stage
 SEEDED_HEAD = "seeded-head.safetensors"
-VOCAB = "vocab.txt"
 
 
-def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisions=("fp32",),
-           init_missing_head: int | None = None, vocab: str | Path | None = None, opset: int = 17) -> Manifest:
+def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisions=(EXPORTED,),
+           init_missing_head: int | None = None, vocab: str | Path | None = None, opset: int = OPSET) -> Manifest:
     """Write ``out_dir/<task>/model.<precision>.onnx`` for each precision and record them in the manifest.
 
-    fp16 is converted from the fp32 file, so fp32 is always written too. A folder that already holds
-    another checkpoint's artifacts is refused rather than mixed.
+    Every precision is converted from the fp32 file, so fp32 is always written too. A folder that already
+    holds another checkpoint's artifacts is refused rather than mixed.
     """
     task = get_task(task) if isinstance(task, str) else task
-    unknown = [p for p in precisions if p not in PRECISIONS]
-    if unknown:
-        raise MbexportError(f"export writes {' and '.join(PRECISIONS)}, not '{unknown[0]}' (int8/fp8: "
-                            "quantize the fp32 export)")
+    wanted = {p.name: p for p in map(get_precision, precisions)}.values()
+    other = next((p for p in wanted if p.stage != "export"), None)
+    if other is not None:
+        raise MbexportError(f"export writes {' and '.join(made_by('export'))}, not '{other.name}' (the "
+                            f"{other.stage} stage makes it: mbexport build --precision {other.name})")
     if vocab is not None and not Path(vocab).is_file():
         raise MbexportError("vocab file not found", vocab)
     checkpoint = load_checkpoint(source, lazy=True)
+    if task.name not in checkpoint.heads and init_missing_head is None:
+        raise MbexportError(f"the checkpoint has no '{task.name}' head (it holds: {', '.join(checkpoint.heads)}); "
+                            "pass --init-missing-head SEED to start it from seeded random weights", source)
     out_dir = Path(out_dir)
     manifest = _open_manifest(out_dir, checkpoint)
     # Blocks 1 and up stream their weights from the checkpoint as they are saved: one block at a time.
-    model, seeded = build_reference(task, checkpoint.config, checkpoint.state_dict,
+    model, seeded = build_reference(task, checkpoint.config, checkpoint.weights_for(task),
                                     init_missing_head=init_missing_head, source=source, streamed=True)
     del checkpoint  # the model keeps what it reads from
     folder = out_dir / task.name
-    previous = {a.sha256 for a in manifest.find(task.name, "fp32", "onnx")}
-    fp32 = export_onnx(model, folder / "model.fp32.onnx", opset=opset)
-    if manifest.record(task, "fp32", "onnx", fp32, opset=opset).sha256 not in previous:
-        # fp16/int8/fp8 files and engines made from an earlier, different fp32 no longer match the reference
+    previous = {a.sha256 for a in manifest.find(task.name, EXPORTED, "onnx")}
+    fp32 = export_onnx(model, folder / PRECISIONS[EXPORTED].file_name("onnx"), opset=opset)
+    if manifest.record(task, EXPORTED, "onnx", fp32, opset=opset).sha256 not in previous:
+        # other precisions' files and engines made from an earlier, different fp32 no longer match the reference
         manifest.artifacts = [a for a in manifest.artifacts if not (
-            a.task == task.name and a.kind in ("onnx", "engine") and (a.precision, a.kind) != ("fp32", "onnx"))]
+            a.task == task.name and a.kind in ("onnx", "engine") and (a.precision, a.kind) != (EXPORTED, "onnx"))]
     manifest.artifacts = [a for a in manifest.artifacts if not (a.task == task.name and a.kind == "weights")]
     if seeded:
         warnings.warn(f"{task.name}: the checkpoint has no {', '.join(seeded)}; they are random "
@@ -59,14 +62,15 @@ def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisi
         params = dict(model.named_parameters())
         with atomic_file(folder / SEEDED_HEAD) as tmp:
             save_file({name: params[name].detach().contiguous() for name in seeded}, str(tmp))
-        manifest.record(task, "fp32", "weights", folder / SEEDED_HEAD, seed=init_missing_head, tensors=seeded)
+        manifest.record(task, EXPORTED, "weights", folder / SEEDED_HEAD, seed=init_missing_head, tensors=seeded)
     if vocab is not None:
         with atomic_file(out_dir / VOCAB) as tmp:
             shutil.copyfile(vocab, tmp)
         manifest.record(task, "-", "vocab", out_dir / VOCAB)
-    if "fp16" in precisions:
-        manifest.record(task, "fp16", "onnx", convert_fp16(fp32, folder / "model.fp16.onnx"), opset=opset,
-                        converted_from=fp32.name)
+    for precision in wanted:
+        if precision.transform is not None:
+            converted = precision.transform(fp32, folder / precision.file_name("onnx"))
+            manifest.record(task, precision.name, "onnx", converted, opset=opset, converted_from=fp32.name)
     manifest.save()
     return manifest
 

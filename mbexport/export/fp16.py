@@ -101,6 +101,15 @@ def _convert(graph, initializers: list) -> set[str]:
     return halved
 
 
+def convert_graph_fp16(graph) -> None:
+    """``convert_fp16`` on a GraphProto held in memory with its weights, for stages that rewrite it further before
+    writing it (the Q/DQ file's fp16 remainder)."""
+    halved = _convert(graph, list(graph.initializer))
+    for init in graph.initializer:
+        if init.name in halved:
+            init.CopyFrom(_halved(init))
+
+
 def _retype_attributes(node) -> None:
     """A node moved to fp16 must also make its own float constants and Cast targets fp16."""
     from onnx import AttributeProto, TensorProto

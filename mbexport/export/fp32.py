@@ -28,17 +28,17 @@ from mbexport.export.onnxfile import ALIGN_ABOVE, ALIGNMENT, checked_onnx
 from mbexport.inputs import sample_batch
 from mbexport.manifest import external_data_name
 from mbexport.model import MegatronBert, parameter
+from mbexport.precisions import OPSET
 
-MIN_OPSET = 17
 NATIVE_OPSET = 18  # what torch's exporter writes without a version conversion
 # Example sizes for tracing: distinct and > 1, so torch.export neither specializes nor ties any dim.
 EXAMPLE = {"batch": 2, "num_choices": 3, "sequence": 7}
 
 
-def export_onnx(model: MegatronBert, out_path: str | Path, *, opset: int = 17) -> Path:
+def export_onnx(model: MegatronBert, out_path: str | Path, *, opset: int = OPSET) -> Path:
     """Write ``model`` as a checked fp32 ONNX file (external data when > 2 GB); returns ``out_path``."""
-    if opset < MIN_OPSET:
-        raise MbexportError(f"opset {opset} is too old: {MIN_OPSET}+ has the LayerNormalization TensorRT fuses")
+    if opset < OPSET:
+        raise MbexportError(f"opset {opset} is too old: {OPSET}+ has the LayerNormalization TensorRT fuses")
     form, model.export_form = model.export_form, True
     try:
         with checked_onnx(out_path) as staged, _quiet():

@@ -134,6 +134,17 @@ def read_weightless(path: str | Path):
     return model, weights
 
 
+def save_model(model, path: str | Path) -> Path:
+    """Save a ModelProto held in memory with its weights for ``checked_onnx``: weights as external data, which
+    it inlines when they fit (for stages that rewrite the whole model in memory: quantization, ORT's shape)."""
+    import onnx
+
+    path = Path(path)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=external_data_name(path), size_threshold=INLINE_BELOW)
+    return path
+
+
 def save_with_weights(model, weights: Iterable[tuple[object, bytes]], path: str | Path) -> Path:
     """Save ``model`` with its initializers, (TensorProto without data, raw bytes) pairs taken one at a time,
     as ``checked_onnx`` expects: bytes from 1 KB as external data beside ``path`` (large ones page-aligned),

@@ -48,8 +48,8 @@ def build_reference(task: str | Task, config: MegatronBertConfig, state_dict: Ma
             raise CheckpointError(f"tensor {name} has shape {tuple(tensors[name].shape)}, "
                                   f"expected {tuple(target.shape)}", source)
     if missing and init_missing_head is None:
-        raise MbexportError(f"the checkpoint has no '{task.name}' head (no {missing[0]}); pass "
-                            "--init-missing-head SEED to start it from seeded random weights", source)
+        raise MbexportError(f"the checkpoint has no '{task.name}' head (no {missing[0]}); export or "
+                            "build it with --init-missing-head SEED to start it from seeded random weights", source)
     # fp32 tensors are shared with the checkpoint, not copied: a 345M model is held once.
     weights = {name: state_dict[name].float() for name in wanted
                if name in state_dict and not (streaming and streaming.owns(name))}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbexport.config import MegatronBertConfig
-from mbexport.tasks import Task, get_task
+from mbexport.tasks import HeadModule, Task, get_task
 
 # Additive mask for padded keys. Finite on purpose: float32's minimum turns into -inf in fp16, and a row
 # that is all padding then becomes NaN. exp(-10000) is exactly 0 in fp32, so nothing is lost.
@@ -136,52 +136,64 @@ class LMHead(nn.Module):
 
 
 class MegatronBert(nn.Module):
-    """The trunk plus one task's head; ``forward`` returns the task's outputs in registry order."""
+    """The trunk plus one task's head: the modules the registry declares for it, under their Hugging Face names.
+
+    ``forward`` runs each module on what it reads (every token's hidden state, or the pooled row) and returns
+    the task's outputs in registry order: the modules' results, or what the task's ``forward`` makes of them.
+    """
 
     def __init__(self, config: MegatronBertConfig, task: str | Task):
         super().__init__()
         self.config, self.task = config, get_task(task) if isinstance(task, str) else task
         self.export_form = False
-        h, name = config.hidden_size, self.task.name
         self.bert = Trunk(config, pooler=self.task.pooler)
-        if name in ("masked-lm", "causal-lm"):
-            self.cls = Namespace(predictions=LMHead(config))
-        elif name == "next-sentence":
-            self.cls = Namespace(seq_relationship=nn.Linear(h, 2))
-        elif name == "pretraining":
-            self.cls = Namespace(predictions=LMHead(config), seq_relationship=nn.Linear(h, 2))
-        elif name in ("sequence-classification", "token-classification"):
-            self.classifier = nn.Linear(h, config.num_labels)
-        elif name == "multiple-choice":
-            self.classifier = nn.Linear(h, 1)
-        elif name == "question-answering":
-            self.qa_outputs = nn.Linear(h, 2)
+        for module in self.task.modules:
+            layer = LMHead(config) if module.kind == "lm" else nn.Linear(config.hidden_size, module.size(config))
+            _attach(self, module.name, layer)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> tuple[torch.Tensor, ...]:
-        choices_shape = input_ids.shape[:-1] if self.task.has_choices else None
+        rows_shape = input_ids.shape[:-1]  # [batch], or [batch, choices]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        if choices_shape is not None:  # [b, choices, s] -> [b * choices, s]
+        if self.task.has_choices:  # [b, choices, s] -> [b * choices, s]
             input_ids, attention_mask, token_type_ids = (
                 t.flatten(0, 1) for t in (input_ids, attention_mask, token_type_ids))
         x, pooled = self.bert(input_ids, attention_mask, token_type_ids, self.task.causal, self.export_form)
-        name = self.task.name
-        if name == "model":
-            return x, pooled
-        if name in ("masked-lm", "causal-lm"):
-            return (self.cls.predictions(x, self.bert.embeddings.word_embeddings.weight, self.export_form),)
-        if name == "next-sentence":
-            return (self.cls.seq_relationship(pooled),)
-        if name == "pretraining":
-            return (self.cls.predictions(x, self.bert.embeddings.word_embeddings.weight, self.export_form),
-                    self.cls.seq_relationship(pooled))
-        if name == "sequence-classification":
-            return (self.classifier(pooled),)
-        if name == "token-classification":
-            return (self.classifier(x),)
-        if name == "multiple-choice":
-            return (self.classifier(pooled).view(choices_shape),)
-        start, end = self.qa_outputs(x).unbind(dim=-1)  # question-answering
-        return start, end
+        results = tuple(self._run(module, x, pooled) for module in self.task.modules)
+        return self.task.forward(results, x, pooled, rows_shape) if self.task.forward else results
+
+    def _run(self, module: HeadModule, x, pooled):
+        layer = self.get_submodule(module.name)
+        source = x if module.reads == "tokens" else pooled
+        if module.kind == "lm":
+            return layer(source, self.bert.embeddings.word_embeddings.weight, self.export_form)
+        return layer(source)
+
+
+def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Register ``module`` at a dotted path (``cls.predictions``), making the levels above it as needed."""
+    *parents, name = path.split(".")
+    for part in parents:
+        if getattr(root, part, None) is None:
+            root.add_module(part, Namespace())
+        root = getattr(root, part)
+    root.add_module(name, module)
+
+
+# Task.forward entries of the registry: a head's outputs where they are not its modules' results as they are.
+def encoder_outputs(results, hidden, pooled, rows_shape):
+    """The bare encoder: every token's hidden state and the pooled [CLS] row."""
+    return hidden, pooled
+
+
+def per_choice(results, hidden, pooled, rows_shape):
+    """Multiple choice: one score per (row, choice), [batch * choices, 1] -> [batch, choices]."""
+    return (results[0].view(rows_shape),)
+
+
+def span_ends(results, hidden, pooled, rows_shape):
+    """Question answering: the span head's two columns are the start and the end logits."""
+    start, end = results[0].unbind(dim=-1)
+    return start, end

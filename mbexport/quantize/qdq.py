@@ -12,8 +12,9 @@ masked-LM accuracy.
 What is not quantized runs in fp16, with the fp16 export's fp32 islands (LayerNorm, Softmax, the Adds
 feeding them): TensorRT 11 builds strongly typed, so an fp32 remainder would stay fp32 on the GPU. Model
 Optimizer's own ``high_precision_dtype="fp16"`` would put LayerNorm and the residual stream in fp16 too;
-instead the fp32-remainder output goes through ``convert_fp16``. On the trained fixture both remainders
-keep the same accuracy (within a few masked tokens of 7191).
+instead the fp32-remainder output goes through the fp16 export's conversion. On the trained fixture both
+remainders keep the same accuracy (within a few masked tokens of 7191). Then each weight's QuantizeLinear is
+computed once and stored as int8 / fp8 (``weights.py``): the file holds one byte per quantized weight.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from mbexport.errors import MbexportError, MissingDependencyError, first_line
-from mbexport.export import convert_fp16
-from mbexport.export.onnxfile import read_weightless, readers
+from mbexport.export import convert_graph_fp16
+from mbexport.export.onnxfile import checked_onnx, read_weightless, readers, save_model
 from mbexport.fsutil import temp_prefix
 from mbexport.manifest import external_data_name
-
-MODES = ("int8", "fp8")
-METHODS = ("max", "entropy")
+from mbexport.precisions import CALIBRATION_METHODS, made_by
+from mbexport.quantize.weights import store_weights_quantized
 
 
 def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "int8",
@@ -44,15 +44,17 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
     ``calibration`` is a list of feed dicts (see ``calibration_batches``); activation ranges are their
     ``method`` statistic: ``max`` (absolute maximum) or ``entropy`` (KL-divergence threshold).
     """
-    if mode not in MODES:
-        raise MbexportError(f"cannot quantize to '{mode}'; choose one of: {', '.join(MODES)}")
-    if method not in METHODS:
-        raise MbexportError(f"unknown calibration method '{method}'; choose one of: {', '.join(METHODS)}")
+    if mode not in made_by("quantize"):
+        raise MbexportError(f"cannot quantize to '{mode}'; choose one of: {', '.join(made_by('quantize'))}")
+    if method not in CALIBRATION_METHODS:
+        raise MbexportError(f"unknown calibration method '{method}'; choose one of: {', '.join(CALIBRATION_METHODS)}")
     if not calibration:
         raise MbexportError("no calibration batches", fp32_onnx)
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
     if not fp32_onnx.is_file():
         raise MbexportError("ONNX file not found", fp32_onnx)
+    import onnx
+
     quantize = _modelopt_quantize()
     head = _head_nodes(fp32_onnx)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,12 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
             raise MbexportError(f"Model Optimizer could not quantize it to {mode} "
                                 f"({first_line(error)})",
                                 fp32_onnx) from error
-        return convert_fp16(quantized, out_path)
+        model = onnx.load(str(quantized))
+        convert_graph_fp16(model.graph)
+        store_weights_quantized(model.graph)
+        with checked_onnx(out_path) as staged:
+            save_model(model, staged)
+        return out_path
 
 
 def _head_nodes(onnx_path: str | Path) -> list[str]:

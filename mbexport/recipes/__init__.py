@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mbexport.engine import EngineSettings, Profile, check_profiles, make_profile
 from mbexport.errors import MbexportError
+from mbexport.precisions import CALIBRATION_METHODS, get_precision
 from mbexport.tasks import get_task
 
 if sys.version_info >= (3, 11):
@@ -24,9 +25,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 TARGETS = ("engine", "onnx")
-CALIBRATION_METHODS = ("max", "entropy")
 # Shipped recipes: package data beside this file (pyproject's package-data); ./recipes is searched first for
 # bare names.
 RECIPES_DIR = Path(__file__).resolve().parent
@@ -63,7 +62,7 @@ class Recipe:
         if "task" in plain:
             plain["task"] = get_task(plain["task"]).name
         if "precision" in plain:
-            plain["precision"] = plain["precision"].lower()
+            plain["precision"] = get_precision(plain["precision"]).name
         recipe = dataclasses.replace(self, calibration=dataclasses.replace(self.calibration, **calibration), **plain)
         recipe.check()  # the recipe's own values were checked when it was read: a bad value came from a flag
         return recipe
@@ -84,8 +83,10 @@ class Recipe:
         return dataclasses.replace(self, calibration=calibration, profiles=profiles), notes
 
     def check(self, source: Path | None = None) -> None:
-        if self.precision not in PRECISIONS:
-            raise MbexportError(f"unknown precision '{self.precision}' (choose {', '.join(PRECISIONS)})", source)
+        try:
+            get_precision(self.precision)
+        except MbexportError as error:
+            raise MbexportError(str(error), source) from None
         if self.target is not None and self.target not in TARGETS:
             raise MbexportError(f"unknown target '{self.target}' (choose {', '.join(TARGETS)})", source)
         if self.calibration.method not in CALIBRATION_METHODS:
@@ -142,14 +143,14 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             raise MbexportError("profiles must be one or more [[profiles]] tables", path)
         profiles = tuple(make_profile(p, source=path) for p in data["profiles"])
     try:
-        task = get_task(data["task"])
+        task, precision = get_task(data["task"]), get_precision(data["precision"])
     except MbexportError as error:
         raise MbexportError(str(error), path) from None
     if profiles:
         check_profiles(profiles, task, source=path)
     text = calibration.get("text")
     recipe = Recipe(
-        name=data.get("name", path.stem), task=task.name, precision=data["precision"].lower(),
+        name=data.get("name", path.stem), task=task.name, precision=precision.name,
         description=data.get("description", ""), target=data.get("target"), profiles=profiles,
         calibration=Calibration(text=(path.parent / text) if text else None,
                                 **{k: v for k, v in calibration.items() if k != "text"}),

@@ -13,34 +13,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mbexport.errors import MbexportError
+from mbexport.precisions import get_precision
 from mbexport.tasks import Agreement, Task
 
-# Per precision; "engine:fp32" because TensorRT may use TF32 for fp32 matmuls. ``agreement`` is the minimum
-# fraction of rows/tokens whose answer matches the reference; ``cosine`` applies to outputs and rows.
-TOLERANCES: dict[str, dict[str, float | None]] = {
-    "fp32": {"atol": 1e-4, "rtol": 1e-4, "cosine": 0.99999, "agreement": 0.99},
-    "engine:fp32": {"atol": 5e-3, "rtol": 5e-3, "cosine": 0.9999, "agreement": 0.98},
-    "fp16": {"atol": 0.05, "rtol": 0.05, "cosine": 0.999, "agreement": 0.95},
-    # Quantized logits legitimately move by more than any useful elementwise bound (a 1.3 shift on a trained
-    # MLM's vocab logits with 96% argmax agreement), so their elementwise difference is reported, not gated:
-    # cosine and task-level agreement decide. Set int8.atol in a recipe to gate it anyway.
-    "int8": {"atol": None, "rtol": None, "cosine": 0.98, "agreement": 0.85},
-    "fp8": {"atol": None, "rtol": None, "cosine": 0.98, "agreement": 0.85},
-}
 KEYS = ("atol", "rtol", "cosine", "agreement")
 
 
 def tolerances_for(precision: str, kind: str = "onnx", overrides: dict | None = None) -> dict[str, float | None]:
-    """Defaults for ``precision`` (and kind), then overrides: ``{"atol": x}`` for all, ``{"fp16.atol": x}`` for one."""
-    base = TOLERANCES.get(f"{kind}:{precision}") or TOLERANCES.get(precision)
-    if base is None:
-        raise MbexportError(f"no tolerances for precision '{precision}' (known: fp32, fp16, int8, fp8)")
-    result = dict(base)
+    """The precision registry's defaults for ``precision`` (an engine's own where it has them), then overrides:
+    ``{"atol": x}`` for all, ``{"fp16.atol": x}`` for one precision, ``{"engine:fp32.atol": x}`` for its engines."""
+    entry = get_precision(precision)
+    result = dict(entry.engine_tolerances if kind == "engine" and entry.engine_tolerances else entry.tolerances)
     for key, value in (overrides or {}).items():
         scope, _, name = key.rpartition(".")
         if name not in KEYS:
             raise MbexportError(f"unknown tolerance '{key}' (known: {', '.join(KEYS)}, optionally as precision.key)")
-        if scope in ("", precision, f"{kind}:{precision}"):
+        if scope in ("", entry.name, f"{kind}:{entry.name}"):
             result[name] = float(value)
     return result
 

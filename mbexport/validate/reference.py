@@ -41,7 +41,7 @@ def load_reference(manifest: Manifest, task: str | Task) -> MegatronBert:
         from safetensors.torch import load_file
 
         seeded.update(load_file(manifest.trusted_path(weights)))
-    model, _ = build_reference(task, checkpoint.config, ChainMap(seeded, checkpoint.state_dict), source=path,
+    model, _ = build_reference(task, checkpoint.config, ChainMap(seeded, checkpoint.weights_for(task)), source=path,
                                streamed=True)
     return model
 

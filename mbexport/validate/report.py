@@ -84,22 +84,41 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def table(self):
-        """A rich Table for the terminal: one row per artifact, its worst numbers, and what failed."""
+        """For the terminal: under each head, one row per file (named inside the head's folder) with its worst
+        numbers and what failed; as lines instead where the terminal is too narrow for that table."""
+        from rich import box
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=f"validation: {'passed' if self.passed else 'FAILED'}")
-        table.add_column("artifact", overflow="fold")
-        for column in ("max abs diff", "min cosine", "min agreement", "result"):
-            table.add_column(column)
-        for a in self.artifacts:
-            diff, cosine = _worst(a, "max_abs_diff", max), _worst(a, "cosine", min)
-            agreement = _worst(a, "agreement", min)
-            failed = [c.label for c in a.checks if not c.passed]
-            result = f"skipped: {a.skipped}" if a.skipped else ("pass" if not failed else "FAIL: " + ", ".join(failed))
-            table.add_row(a.path, "" if diff is None else f"{diff:.2e}", "" if cosine is None else f"{cosine:.6f}",
-                          "" if agreement is None else f"{100 * agreement:.2f}%", result,
-                          style="red" if failed else ("yellow" if a.skipped else None))
-        return table
+        from mbexport.terminal import Fitted
+
+        title = f"validation: {'passed' if self.passed else 'FAILED'}"
+        table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        table.add_column("artifact", no_wrap=True)
+        for header in ("max abs\ndiff", "min\ncosine", "min\nagreement"):
+            table.add_column(header, justify="right", no_wrap=True)
+        table.add_column("result")  # the one column that wraps: between words
+        lines = [Text(title)]
+        heads = {a.task: [r for r in self.artifacts if r.task == a.task] for a in self.artifacts}
+        for task, results in heads.items():
+            table.add_row(Text(task, style="bold"))
+            lines.append(Text(task, style="bold"))
+            for a in results:
+                name = a.path.removeprefix(f"{task}/")
+                numbers = _worst(a, "max_abs_diff", max), _worst(a, "cosine", min), _worst(a, "agreement", min)
+                cells = ["" if n is None else spec.format(n) for n, spec in zip(numbers, NUMBER_FORMATS)]
+                failed = [c.label for c in a.checks if not c.passed]
+                result = f"skipped: {a.skipped}" if a.skipped else "FAIL: " + ", ".join(failed) if failed else "pass"
+                style = "red" if failed else ("yellow" if a.skipped else None)
+                table.add_row(f"  {name}", *cells, result, style=style)
+                said = ", ".join(f"{label} {cell}" for label, cell in zip(NUMBER_LABELS, cells) if cell)
+                lines.append(Text(f"  {name}: {result}" + (f" ({said})" if said else ""), style=style or ""))
+        return Fitted(table, Group(*lines))
+
+
+NUMBER_LABELS = ("max abs diff", "min cosine", "min agreement")  # the table's worst-case columns
+NUMBER_FORMATS = ("{:.2e}", "{:.6f}", "{:.2%}")
 
 
 def _worst(result: ArtifactResult, key: str, pick) -> float | None:

@@ -16,6 +16,7 @@ from mbexport.config import MegatronBertConfig
 from mbexport.errors import MbexportError, ValidationFailed, first_line
 from mbexport.inputs import sample_batch
 from mbexport.manifest import Artifact, Manifest, external_data_name
+from mbexport.precisions import get_precision
 from mbexport.runtime import ort_session, providers
 from mbexport.tasks import Task, get_task
 from mbexport.validate.checks import Check, compare, tolerances_for
@@ -80,9 +81,10 @@ def up_to_date(manifest: Manifest, *, device: str = "cpu", tasks=None, precision
 def _select(manifest: Manifest, tasks, precisions) -> list[Artifact]:
     """The artifacts of ``tasks`` at ``precisions`` (None: all), with every non-runnable file they rely on."""
     task_names = {get_task(t).name for t in tasks} if tasks else None
+    names = {get_precision(p).name for p in precisions} if precisions else None
     return [a for a in manifest.artifacts
             if (task_names is None or a.task in task_names)
-            and (precisions is None or a.precision in precisions or a.kind not in RUNNABLE)]
+            and (names is None or a.precision in names or a.kind not in RUNNABLE)]
 
 
 def _previous(manifest: Manifest) -> tuple[str | None, dict[str, ArtifactResult]]:

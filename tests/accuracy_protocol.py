@@ -1,4 +1,4 @@
-"""Task accuracy on labelled text: what quantization costs where it matters.
+"""Task accuracy on labelled text, the trained fixture's protocol: what quantization costs where it matters.
 
 Agreement with the fp32 reference (validate) says whether an artifact picks the same answers; accuracy on
 held-out text says whether the answers it changes were right. Random weights cannot show this, so
@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from mbexport.deploy.serving import MASK
 from mbexport.errors import MbexportError
 from mbexport.runtime import ort_session
 from mbexport.tasks import Task, get_task
@@ -58,7 +59,7 @@ def accuracy(model: str | Path | Callable[[dict[str, np.ndarray]], np.ndarray], 
     positions = np.arange(sequence)
     masked = (positions >= 1) & (positions < lengths[:, None] - 1) & (positions % MASK_EVERY == MASK_AT)
     if task.name == "masked-lm":
-        feed["input_ids"] = np.where(masked, tokenizer.token_to_id("[MASK]"), targets)
+        feed["input_ids"] = np.where(masked, tokenizer.token_to_id(MASK), targets)
     run = _onnx_runner(model) if isinstance(model, (str, Path)) else model
     order = np.argsort(lengths, kind="stable")
     correct = 0
