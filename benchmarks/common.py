@@ -56,15 +56,29 @@ def _write_checkpoint(folder: str) -> None:
 
 
 def measured(argv: list[str]) -> dict:
-    """Run ``python argv...`` in a fresh process; wall seconds and the child's own peak RSS (wait4 rusage)."""
+    """Run ``python argv...`` in a fresh process: wall and CPU seconds, peak RSS, and read()/write() bytes."""
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, *argv], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    process = subprocess.Popen([sys.executable, *argv], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.DEVNULL)
+    io, anon = {}, 0
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        try:  # the last reading before it exits (a stage ends with its final writes and hashing: small)
+            io = dict(line.split(": ") for line in Path(f"/proc/{process.pid}/io").read_text().splitlines())
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{process.pid}/status").read_text().splitlines())
+            anon = max(anon, int(fields["RssAnon"].split()[0]) * 1024)
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
     seconds = time.perf_counter() - start
-    if process.returncode:
-        raise SystemExit(f"{' '.join(argv)[:120]} failed with exit code {process.returncode}")
-    return {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}  # Linux reports KiB
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{' '.join(argv)[:160]} failed with exit code {os.waitstatus_to_exitcode(status)}")
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,  # Linux reports KiB
+            "peak_anon_gb": anon / 1e9,  # sampled every 50 ms: RSS less memory-mapped file pages
+            "read_gb": int(io.get("rchar", 0)) / 1e9, "written_gb": int(io.get("wchar", 0)) / 1e9}
 
 
 def child(argv: list[str]) -> str:

@@ -90,7 +90,7 @@ def convert_command(
 
     check_output(out, overwrite=overwrite, sources=(src, vocab))  # before the (slow) read
     with resolved_vocab(src, vocab, terminal.line) as vocab:
-        ckpt = load_checkpoint(src, num_attention_heads=num_heads)
+        ckpt = load_checkpoint(src, num_attention_heads=num_heads, lazy=True)  # written one tensor at a time
         folder = save_hf_folder(ckpt, out, vocab=vocab, lowercase=lowercase, overwrite=overwrite)
     terminal.line(f"{ckpt.format} checkpoint -> {folder} ({ckpt.num_parameters:,} parameters, heads: "
                   f"{', '.join(ckpt.heads)})")
@@ -110,7 +110,7 @@ def inspect_command(
     from mbexport.checkpoint import load_checkpoint
     from mbexport.checkpoint.vocab import bundled_vocab
 
-    ckpt = load_checkpoint(src, num_attention_heads=num_heads)
+    ckpt = load_checkpoint(src, num_attention_heads=num_heads, lazy=True)  # only shapes and dtypes are read
     c, info = ckpt.config, ckpt.info
     vocab_file = bundled_vocab(src)
     report = {

@@ -59,8 +59,14 @@ def providers(device: str = "cpu") -> list[str]:
 
 
 def ort_session(path: str | Path, device: str = "cpu", threads: int | None = None, *,
-                shaped_for: str = DEFAULT_RUNTIME):
-    """An InferenceSession for an ONNX file shaped for ``shaped_for`` (its Q/DQ emulated exactly, if TensorRT's)."""
+                shaped_for: str = DEFAULT_RUNTIME, lean: bool = False):
+    """An InferenceSession for an ONNX file shaped for ``shaped_for`` (its Q/DQ emulated exactly, if TensorRT's).
+
+    ``lean``, for a session that runs a few times (validation): the weights are memory-mapped from the file,
+    whether they are inside it or in external data (``weights_by_reference``), instead of parsed into a
+    copy, and the CPU kernels do not copy MatMul weights into their packed layout. Measured on the 345M fp32
+    file: 0.3 GB of anonymous memory instead of 2.2 GB, for a few percent more time per run.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -71,8 +77,16 @@ def ort_session(path: str | Path, device: str = "cpu", threads: int | None = Non
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    model = str(path)
+    if lean:
+        from mbexport.export.onnxfile import weights_by_reference
+
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(Path(path).parent))
+        model = weights_by_reference(path)
     chosen = providers(device)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        return ort.InferenceSession(model, sess_options=options, providers=chosen)
     except Exception as error:  # ORT raises its own exception types for unreadable or invalid models
         raise MbexportError(f"ONNX Runtime cannot load it ({first_line(error)})", path) from None

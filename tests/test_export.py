@@ -198,13 +198,13 @@ def test_external_data_beside_the_model_when_it_is_large(tmp_path, monkeypatch):
 
 
 def test_a_failed_check_leaves_nothing_behind(exported, tmp_path):
-    from mbexport.export.onnxfile import checked_onnx, save_model
+    from mbexport.export.onnxfile import checked_onnx
 
     model = onnx.load(str(exported("next-sentence")[2]))
     model.graph.node[0].input[0] = "undefined"  # a graph onnx.checker rejects
     with pytest.raises(Exception, match="fails onnx.checker"):
         with checked_onnx(tmp_path / "out" / "model.fp32.onnx") as staged:
-            save_model(model, staged)
+            onnx.save_model(model, str(staged))
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import warnings
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from mbexport.checkpoint import names
 from mbexport.checkpoint.dist import dcp_folder, read_dcp
 from mbexport.checkpoint.huggingface import is_hf_folder, read_hf_folder, write_safetensors, write_tokenizer
+from mbexport.checkpoint.lazy import LazyTensors, described
 from mbexport.checkpoint.megatron import (SHARD_DIR, Files, Shard, load_file, merge_shards, read_shard, shard_files,
                                           whole_number)
 from mbexport.checkpoint.progress import status
@@ -43,25 +45,33 @@ class Checkpoint:
     # | huggingface
     format: str
     config: MegatronBertConfig
-    state_dict: dict[str, torch.Tensor]  # Hugging Face names with "bert."; no tied decoder, no buffers
+    # Hugging Face names with "bert."; no tied decoder, no buffers. A LazyTensors when loaded ``lazy``.
+    state_dict: Mapping[str, torch.Tensor]
     heads: tuple[str, ...]  # mbexport.tasks names whose weights are present, with their shapes and meaning
     info: dict
 
     @property
     def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.state_dict.values())
+        return sum(t.numel() for t in described(self.state_dict).values())
 
-    def weights_for(self, task: Task) -> dict[str, torch.Tensor]:
+    def weights_for(self, task: Task) -> Mapping[str, torch.Tensor]:
         """The state dict ``task``'s reference may use: without those of its head modules the checkpoint does not
         hold with their shape and meaning, so they count as missing (a sentence classifier is no token
-        classifier)."""
+        classifier). Lazy tensors stay lazy."""
         held = modules_in(_shapes(self.state_dict), self.config, self.info.get("architectures"))
         foreign = tuple(f"{module.name}." for module in task.modules if module not in held)
-        return {name: t for name, t in self.state_dict.items() if not name.startswith(foreign)}
+        kept = [name for name in self.state_dict if not name.startswith(foreign)]
+        if isinstance(self.state_dict, LazyTensors):
+            return self.state_dict.selected(kept)
+        return {name: self.state_dict[name] for name in kept}
 
 
-def load_checkpoint(path: str | Path, *, num_attention_heads: int | None = None) -> Checkpoint:
-    """Read ``path`` in whatever layout it has. ``num_attention_heads`` overrides args and the hidden/64 guess."""
+def load_checkpoint(path: str | Path, *, num_attention_heads: int | None = None, lazy: bool = False) -> Checkpoint:
+    """Read ``path`` in whatever layout it has. ``num_attention_heads`` overrides args and the hidden/64 guess.
+
+    ``lazy``: Megatron tensor-parallel merges happen when a tensor is read (see ``LazyTensors``), for callers
+    that take the weights one at a time; the files themselves are memory-mapped where their format allows.
+    """
     path = Path(path)
     if num_attention_heads is not None:
         try:
@@ -96,7 +106,7 @@ def load_checkpoint(path: str | Path, *, num_attention_heads: int | None = None)
         details = {"ckpt_format": "torch", "args_source": shards[0].file.name if shards[0].args is not None else None,
                    "integrity": None}
     fmt = fmt or ("megatron-core" if shards[0].mcore else "megatron-lm")
-    return _from_megatron(path, fmt, shards, num_attention_heads, details)
+    return _from_megatron(path, fmt, shards, num_attention_heads, details, lazy)
 
 
 def _is_archive(path: Path) -> bool:
@@ -108,7 +118,8 @@ def _is_archive(path: Path) -> bool:
         return False
 
 
-def _from_megatron(path: Path, fmt: str, shards: list[Shard], heads_option: int | None, details: dict) -> Checkpoint:
+def _from_megatron(path: Path, fmt: str, shards: list[Shard], heads_option: int | None, details: dict,
+                   lazy: bool) -> Checkpoint:
     first, last = shards[0], shards[-1]
     args = _args(first.args, first.file)
     arg = args.get
@@ -134,11 +145,12 @@ def _from_megatron(path: Path, fmt: str, shards: list[Shard], heads_option: int 
         info["fp8_scaling_ignored"] = True
         warnings.warn(f"{path}: Transformer Engine _extra_state holds FP8 scaling factors (trained with FP8); they "
                       "are not used: the export runs in the precision you build", stacklevel=2)
-    state_dict, notes = merge_shards(shards, heads)
+    state_dict, notes = merge_shards(shards, heads, lazy=lazy)
     for note in notes:
         warnings.warn(f"{path}: {note}", stacklevel=2)
     layers = 1 + max((int(k.split(".")[3]) for k in state_dict if k.startswith("bert.encoder.layer.")), default=-1)
-    shape = lambda name, dim, default=0: state_dict[name].shape[dim] if name in state_dict else default  # noqa: E731
+    tensors = described(state_dict)
+    shape = lambda name, dim, default=0: tensors[name].shape[dim] if name in tensors else default  # noqa: E731
     config = _config(lambda: MegatronBertConfig(
         vocab_size=shape("bert.embeddings.word_embeddings.weight", 0),
         hidden_size=hidden,
@@ -191,17 +203,20 @@ def _config(build, path: Path) -> MegatronBertConfig:
         raise CheckpointError(f"inconsistent architecture: {error}", path) from None
 
 
-def _finish(path: Path, fmt: str, config: MegatronBertConfig, state_dict: dict, info: dict) -> Checkpoint:
-    state_dict = {name: state_dict[name] for name in names.check_state_dict(state_dict, config, path)}
-    heads = tuple(task.name for task in heads_in(_shapes(state_dict), config, info.get("architectures")))
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()})
+def _finish(path: Path, fmt: str, config: MegatronBertConfig, state_dict: Mapping, info: dict) -> Checkpoint:
+    tensors = described(state_dict)  # shapes and dtypes: no lazy tensor is made for them
+    wanted = names.check_state_dict(tensors, config, path)
+    state_dict = (state_dict.selected(wanted) if isinstance(state_dict, LazyTensors)
+                  else {name: state_dict[name] for name in wanted})
+    heads = tuple(task.name for task in heads_in(_shapes(tensors), config, info.get("architectures")))
+    dtypes = sorted({str(tensors[name].dtype).removeprefix("torch.") for name in wanted})
     info = {**info, "dtype": "/".join(dtypes), "padded_vocab_size": config.vocab_size}
     info.setdefault("real_vocab_size", None)
     return Checkpoint(path, fmt, config, state_dict, heads, info)
 
 
-def _shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in state_dict.items()}
+def _shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in described(state_dict).items()}
 
 
 def save_hf_folder(ckpt: Checkpoint, out_dir: str | Path, *, vocab: Path | None = None, lowercase: bool = True,

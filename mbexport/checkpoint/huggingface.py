@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path, PurePath
 
 import torch
 
 from mbexport.checkpoint import names
+from mbexport.checkpoint.lazy import described
 from mbexport.checkpoint.megatron import load_file
 from mbexport.checkpoint.safe_load import read_json
 from mbexport.checkpoint.progress import progress
@@ -111,10 +113,10 @@ def _with_prefix(key: str) -> str:
     return f"bert.{key}" if key.split(".")[0] in ("embeddings", "encoder", "pooler") else key
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Stream ``tensors`` into a safetensors file, copying at most one tensor at a time (non-contiguous ones)."""
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Stream ``tensors`` into a safetensors file, holding at most one at a time (non-contiguous or lazy ones)."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, tensor in tensors.items():
+    for name, tensor in described(tensors).items():
         if tensor.dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{name} has dtype {tensor.dtype}, which safetensors cannot store", path)
         size = tensor.numel() * tensor.element_size()

@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from mbexport.checkpoint import names
+from mbexport.checkpoint.lazy import LazyTensors
 from mbexport.checkpoint.safe_load import ZIP_MAGIC, torch_load
 from mbexport.config import shown
 from mbexport.errors import CheckpointError, first_line
@@ -303,9 +304,13 @@ def flatten(tree, path: Path, prefix: str = "", depth: int = 0) -> dict:
     return flat
 
 
-def merge_shards(shards: list[Shard], heads: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+def merge_shards(shards: list[Shard], heads: int, *, lazy: bool = False
+                 ) -> tuple[dict[str, torch.Tensor] | LazyTensors, list[str]]:
     """Join pipeline stages and merge tensor-parallel ranks into Hugging Face names (consumes ``shards``); also
-    return notes on what was read differently from the file (see ``_to_hf_names``)."""
+    return notes on what was read differently from the file (see ``_to_hf_names``).
+
+    ``lazy``: merge each tensor only when it is read (``LazyTensors``), so the merged model is never held whole.
+    """
     tp = 1 + max(s.tp for s in shards)
     pp = 1 + max(s.pp for s in shards)
     grid = {(s.tp, s.pp) for s in shards}
@@ -323,7 +328,8 @@ def merge_shards(shards: list[Shard], heads: int) -> tuple[dict[str, torch.Tenso
         raise CheckpointError(f"{heads} attention heads cannot be split over {tp} tensor-parallel ranks "
                               "(set the head count with --num-heads)", shards[0].file)
     shards.clear()
-    return _merge_ranks(ranks, heads, layout)
+    merged, notes = _merge_ranks(ranks, heads, layout)
+    return (merged if lazy else merged.materialized()), notes
 
 
 def _join_stages(stages: list[Shard], pp: int) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -352,13 +358,14 @@ def _join_stages(stages: list[Shard], pp: int) -> tuple[Path, dict[str, torch.Te
     return stages[0].file, joined
 
 
-def _merge_ranks(ranks: list[tuple[Path, dict]], heads: int, layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _merge_ranks(ranks: list[tuple[Path, dict]], heads: int, layout: str) -> tuple[LazyTensors, list[str]]:
+    """Check the ranks against each other and list how each Hugging Face tensor is made from their parts."""
     (file0, first), tp = ranks[0], len(ranks)
     for file, rank in ranks[1:]:
         if rank.keys() != first.keys():
             odd = sorted(rank.keys() ^ first.keys())[0]
             raise CheckpointError(f"tensor-parallel shards disagree: {odd} is not in every rank", file)
-    merged: dict[str, torch.Tensor] = {}
+    merged = LazyTensors()
     for name in list(first):
         parts = [rank.pop(name) for _, rank in ranks]
         files = [file for file, _ in ranks]
@@ -372,32 +379,55 @@ def _merge_ranks(ranks: list[tuple[Path, dict]], heads: int, layout: str) -> tup
             if bad:
                 raise CheckpointError(f"{name} has {parts[0].shape[0]} rows, not a multiple of 3 x {heads // tp} "
                                       "heads", bad[0])
-            qkv = _concat([deinterleave_qkv(p, heads // tp, layout) for p in parts], 1, name, files)
+            _check_concat(parts, None, name, files)  # every rank: 3 x heads/tp x the same head dim
             param = rest.rpartition(".")[2]
-            for module, tensor in zip(names.QKV_TO_HF, qkv):
-                merged[f"bert.encoder.layer.{layer}.{module}.{param}"] = tensor.reshape(-1, *tensor.shape[2:])
+            for index, module in enumerate(names.QKV_TO_HF):
+                merged.add(f"bert.encoder.layer.{layer}.{module}.{param}", _qkv_part(index, heads // tp, layout),
+                           *parts)
         elif rest in names.TP_SPLIT_DIM:
-            merged[name] = _concat(parts, names.TP_SPLIT_DIM[rest], name, files)
+            dim = names.TP_SPLIT_DIM[rest]
+            _check_concat(parts, dim, name, files)
+            merged.add(name, _cat(dim) if tp > 1 else _first, *parts)
         else:
             for file, part in zip(files[1:], parts[1:]):
                 if part.shape != parts[0].shape or not torch.equal(part, parts[0]):
                     raise CheckpointError(f"tensor-parallel shards disagree on replicated tensor {name}", file)
-            merged[name] = parts[0]
+            merged.add(name, _first, parts[0])
     return _to_hf_names(merged, file0)
 
 
-def _concat(parts: list[torch.Tensor], dim: int, name: str, files: list[Path]) -> torch.Tensor:
-    if len(parts) == 1:
-        return parts[0]
+# How each merged tensor is made from the ranks' parts (``LazyTensors`` recipes: ``out`` receives it, if given).
+def _first(tensor: torch.Tensor, *others: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return tensor if out is None else out.copy_(tensor)
+
+
+def _cat(dim: int):
+    return lambda *parts, out=None: torch.cat(parts, dim, out=out)
+
+
+def _qkv_part(index: int, heads: int, layout: str):
+    """The recipe of Q (0), K (1) or V (2) from every rank's fused QKV rows."""
+    def make(*parts: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        pieces = [deinterleave_qkv(part, heads, layout)[index] for part in parts]  # [heads, d, ...] views
+        shape = (len(pieces) * heads, *pieces[0].shape[1:])
+        if out is not None:
+            torch.cat(pieces, 0, out=out.view(shape))
+            return out
+        whole = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+        return whole.reshape(-1, *whole.shape[2:])
+    return make
+
+
+def _check_concat(parts: list[torch.Tensor], dim: int | None, name: str, files: list[Path]) -> None:
+    """Parts that ``torch.cat`` joins along ``dim`` (None: of one shape) must agree on every other dim."""
     for file, part in zip(files[1:], parts[1:]):
         same_dims = [size for i, size in enumerate(part.shape) if i != dim]
         if part.dim() != parts[0].dim() or same_dims != [size for i, size in enumerate(parts[0].shape) if i != dim]:
             raise CheckpointError(f"tensor-parallel shards disagree on the shape of {name}: "
                                   f"{list(part.shape)} vs {list(parts[0].shape)}", file)
-    return torch.cat(parts, dim)
 
 
-def _to_hf_names(merged: dict[str, torch.Tensor], file: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _to_hf_names(merged: LazyTensors, file: Path) -> tuple[LazyTensors, list[str]]:
     """Hugging Face names, with Megatron-Core's optional output layer made to fit Hugging Face's MLM head.
 
     ``BertModel(apply_lm_head=False)`` projects the encoder output straight to the vocab: no ``lm_head``, an
@@ -408,14 +438,13 @@ def _to_hf_names(merged: dict[str, torch.Tensor], file: Path) -> tuple[dict[str,
         if {"lm_head.bias", names.UNTIED_OUTPUT} & merged.keys():
             notes.append("the checkpoint's output_layer has no BertLMHead (apply_lm_head=False): it is not read, and "
                          "there is no masked-LM head")
-        merged.pop("lm_head.bias", None)
-        merged.pop(names.UNTIED_OUTPUT, None)
+        merged = merged.selected([name for name in merged if name not in ("lm_head.bias", names.UNTIED_OUTPUT)])
     untied = merged.pop(names.UNTIED_OUTPUT, None)
-    word = merged.get("word_embeddings.weight")
+    word = merged.get("word_embeddings.weight") if untied is not None or "lm_head.bias" not in merged else None
     if untied is not None and (word is None or untied.shape != word.shape or not torch.equal(untied, word)):
         raise CheckpointError("output_layer.weight is not tied to the word embeddings, which Hugging Face's "
                               "MegatronBert requires", file)
     if "lm_head.dense.weight" in merged and "lm_head.bias" not in merged and isinstance(word, torch.Tensor):
-        merged["lm_head.bias"] = torch.zeros(word.shape[0], dtype=word.dtype)
+        merged.add("lm_head.bias", _first, torch.zeros(word.shape[0], dtype=word.dtype))
         notes.append("output_layer has no bias (output_layer_bias=False): read as a zero bias")
-    return {(name if name.startswith("bert.") else names.to_hf(name)): t for name, t in merged.items()}, notes
+    return merged.renamed(lambda name: name if name.startswith("bert.") else names.to_hf(name)), notes

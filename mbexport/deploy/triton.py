@@ -226,11 +226,13 @@ class _Head:
 
 
 def _onnx_io(path: Path) -> dict[str, str]:
-    """Graph input and output names -> numpy dtype names, read without loading external weights."""
+    """Graph input and output names -> numpy dtype names, read without loading any weights."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    weights = {init.name for init in graph.initializer}
+    from mbexport.export.onnxfile import read_weightless
+
+    model, initializers = read_weightless(path)
+    graph, weights = model.graph, {w.tensor.name for w in initializers}
     return {v.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)).name
             for v in (*graph.input, *graph.output) if v.name not in weights}
 

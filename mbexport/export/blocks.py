@@ -6,14 +6,19 @@ than the graph (3.7 s over 24 blocks, 0.1 s over one). Yet the blocks are one gr
 So the model is traced with its first block only; the exporter's optimizer runs on that small graph, with
 the block's weights made graph inputs so that nothing is folded into or merged with them; the block's nodes
 are then copied once per further block, bound to that block's parameters, and a last pass of constant
-folding (the weights' transposes), initializer deduplication and common-subexpression elimination runs over
-the whole graph, all linear in its size.
+folding, initializer deduplication and common-subexpression elimination runs over the whole graph, all
+linear in its size.
+
+The further blocks' weights are bound lazily (``onnx_ir.LazyTensor``): each is read (for a streamed
+reference, from the checkpoint) and converted only when the model is saved, one at a time. The transpose
+that constant folding would apply to a MatMul weight is applied there too, so folding never needs them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator
 
 import onnx_ir as ir
 import onnxscript.optimizer
@@ -29,13 +34,13 @@ BLOCK = "bert.encoder.layer.{}"
 
 
 @contextlib.contextmanager
-def first_block_only(model: MegatronBert) -> Iterator[list[nn.Module]]:
-    """Run the body with ``model`` cut to its first encoder block; yields all the blocks, in order."""
+def first_block_only(model: MegatronBert) -> Iterator[int]:
+    """Run the body with ``model`` cut to its first encoder block; yields how many blocks it has."""
     encoder = model.bert.encoder
     blocks = list(encoder.layer)
     encoder.layer = nn.ModuleList(blocks[:1])
     try:
-        yield blocks
+        yield len(blocks)
     finally:
         encoder.layer = nn.ModuleList(blocks)
 
@@ -61,12 +66,13 @@ def weights_as_inputs(graph: ir.Graph) -> Iterator[None]:
             graph.register_initializer(value)
 
 
-def repeat_first_block(model: ir.Model, blocks: Sequence[nn.Module]) -> None:
-    """Extend ``model``, traced with ``blocks[0]`` only, by one copy of that block per further block.
+def repeat_first_block(model: ir.Model, count: int, weight: Callable[[str], torch.Tensor]) -> None:
+    """Extend ``model``, traced with the first of ``count`` blocks only, by one copy of it per further block.
 
     The first block's nodes are those the exporter traced inside ``bert.encoder.layer.0``. Each copy reads
     the previous copy's output where the first block read the hidden state, its own block's weights where
-    the first read ``bert.encoder.layer.0.*``, and everything else (mask, shapes, constants) as the first.
+    the first read ``bert.encoder.layer.0.*`` (``weight(name)`` gives one, as fp32, when it is saved), and
+    everything else (mask, shapes, constants) as the first.
     """
     graph, first = model.graph, BLOCK.format(0)
     nodes = [node for node in graph if first in node.metadata_props.get(SCOPES, "")]
@@ -80,15 +86,24 @@ def repeat_first_block(model: ir.Model, blocks: Sequence[nn.Module]) -> None:
     if len(hidden) != 1:
         _unrecognized(f"{len(hidden)} inputs look like the hidden state, not one")
     readers = [(user, position) for user, position in output.uses() if user not in nodes]
+    weights = sorted((v for v in entering if v.is_initializer() and v.name.startswith(first + ".")),
+                     key=lambda v: v.name)  # a set's order varies from run to run; the file must not
+    transposes = {v: v.uses()[0].node for v in weights
+                  if len(v.uses()) == 1 and v.uses()[0].node.op_type == "Transpose"}
+    copied = [node for node in nodes if node not in transposes.values()]
     last, carried = nodes[-1], output  # copies go right after: everything they read is defined by then
-    for index, block in enumerate(blocks[1:], start=1):
-        scope, weights = BLOCK.format(index), dict(block.named_parameters())
+    for index in range(1, count):
         values = {hidden[0]: carried}
-        for value in entering:
-            if value.is_initializer() and value.name.startswith(first + "."):
-                values[value] = _bind(graph, value, value.name.replace(first, scope, 1),
-                                      weights[value.name.removeprefix(first + ".")])
-        copies = [_copy(node, values, index) for node in nodes]
+        for value in weights:
+            load = functools.partial(weight, value.name.replace(first, BLOCK.format(index), 1))
+            if value in transposes:  # bound to the Transpose's output: the weight saved transposed
+                node = transposes[value]
+                perm = tuple(node.attributes["perm"].as_ints())
+                values[node.outputs[0]] = _bind(graph, node.outputs[0], f"{node.outputs[0].name}.{index}",
+                                                lambda load=load, perm=perm: load().permute(perm).contiguous())
+            else:
+                values[value] = _bind(graph, value, value.name.replace(first, BLOCK.format(index), 1), load)
+        copies = [_copy(node, values, index) for node in copied]
         graph.insert_after(last, copies)
         last, carried = copies[-1], values[output]
     for user, position in readers:
@@ -116,9 +131,13 @@ def _unrecognized(why: str):
                         "its exporter may not record module scopes as torch 2.13's does")
 
 
-def _bind(graph: ir.Graph, template: ir.Value, name: str, weight) -> ir.Value:
-    """A new initializer ``name`` holding ``weight``, typed like ``template`` (the first block's)."""
-    value = ir.Value(name=name, type=template.type, shape=template.shape,
-                     const_value=type(template.const_value)(weight.detach(), name=name))
+def _bind(graph: ir.Graph, template: ir.Value, name: str, load: Callable[[], torch.Tensor]) -> ir.Value:
+    """A new initializer ``name`` typed like ``template`` (the first block's), whose data ``load`` makes when
+    it is saved."""
+    if template.shape is None or not template.shape.is_static():
+        _unrecognized(f"{template.name} has no static shape")
+    tensor = ir.LazyTensor(lambda: ir.Tensor(load().detach().numpy(), name=name), dtype=template.dtype,
+                           shape=template.shape, name=name)
+    value = ir.Value(name=name, type=template.type, shape=template.shape, const_value=tensor)
     graph.register_initializer(value)
     return value

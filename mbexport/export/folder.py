@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import warnings
@@ -35,15 +36,16 @@ def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisi
                             f"{other.stage} stage makes it: mbexport build --precision {other.name})")
     if vocab is not None and not Path(vocab).is_file():
         raise MbexportError("vocab file not found", vocab)
-    checkpoint = load_checkpoint(source)
+    checkpoint = load_checkpoint(source, lazy=True)
     if task.name not in checkpoint.heads and init_missing_head is None:
         raise MbexportError(f"the checkpoint has no '{task.name}' head (it holds: {', '.join(checkpoint.heads)}); "
                             "pass --init-missing-head SEED to start it from seeded random weights", source)
     out_dir = Path(out_dir)
     manifest = _open_manifest(out_dir, checkpoint)
+    # Blocks 1 and up stream their weights from the checkpoint as they are saved: one block at a time.
     model, seeded = build_reference(task, checkpoint.config, checkpoint.weights_for(task),
-                                    init_missing_head=init_missing_head, source=source)
-    del checkpoint  # the model holds (fp32) or converted (fp16) the weights; nothing else needs the rest
+                                    init_missing_head=init_missing_head, source=source, streamed=True)
+    del checkpoint  # the model keeps what it reads from
     folder = out_dir / task.name
     previous = {a.sha256 for a in manifest.find(task.name, EXPORTED, "onnx")}
     fp32 = export_onnx(model, folder / get_precision(EXPORTED).file_name("onnx"), opset=opset)
@@ -74,14 +76,28 @@ def export(source: str | Path, task: str | Task, out_dir: str | Path, *, precisi
 
 
 def source_sha256(path: str | Path) -> str:
-    """A file's sha256, or for a folder the sha256 of its files' relative paths and hashes."""
+    """A file's sha256, or for a folder the sha256 of its files' relative paths and hashes.
+
+    One build asks three times (its cache key, the manifest, the reference's check), so each file's hash is
+    remembered for the process while the file keeps its inode, size and modification time.
+    """
     path = Path(path)
     if path.is_file():
-        return sha256_file(path)
+        return _file_sha256(path)
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{sha256_file(file)}  {file.relative_to(path).as_posix()}\n".encode())
+        digest.update(f"{_file_sha256(file)}  {file.relative_to(path).as_posix()}\n".encode())
     return digest.hexdigest()
+
+
+def _file_sha256(file: Path) -> str:
+    stat = file.stat()
+    return _remembered_sha256(str(file.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _remembered_sha256(path: str, device: int, inode: int, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
 
 
 def _open_manifest(out_dir: Path, checkpoint: Checkpoint) -> Manifest:

@@ -15,31 +15,44 @@ from pathlib import Path
 
 import numpy as np
 
-from mbexport.export.onnxfile import checked_onnx, readers, save_model
+from mbexport.export.onnxfile import Weight, checked_onnx, read_weightless, readers, save_with_weights
 
 FP32_OPS = ("LayerNormalization", "Softmax")
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
-    """Write the fp16 version of ``fp32_path`` (checked, atomic) to ``out_path``."""
-    import onnx
+    """Write the fp16 version of ``fp32_path`` (checked, atomic) to ``out_path``.
 
-    model = onnx.load(str(fp32_path))
-    convert_graph_fp16(model.graph)
+    The graph is converted without its weights; each weight is then read, halved if it is to be, and
+    written, one at a time, so the pass holds about one tensor whatever the model's size.
+    """
+    model, weights = read_weightless(fp32_path)
+    halved = _convert(model.graph, [w.tensor for w in weights])
     with checked_onnx(out_path) as staged:
-        save_model(model, staged)
+        save_with_weights(model, (_weight(w, w.tensor.name in halved) for w in weights), staged)
     return Path(out_path)
 
 
-def convert_graph_fp16(graph) -> None:
-    """``convert_fp16`` on a GraphProto in memory, for stages that rewrite it further before writing it."""
+def _weight(weight: Weight, halve: bool) -> tuple[object, bytes]:
+    """(TensorProto without data, raw bytes) of one initializer for ``save_with_weights``, halved or as it is."""
+    from onnx import TensorProto
+
+    raw = weight.read()
+    if not halve:
+        return weight.tensor, raw
+    tensor = TensorProto(name=weight.tensor.name, dims=weight.tensor.dims, data_type=TensorProto.FLOAT16)
+    return tensor, _saturated(np.frombuffer(raw, dtype="<f4")).tobytes()
+
+
+def _convert(graph, initializers: list) -> set[str]:
+    """Convert ``graph`` (without its initializers) in place; returns the fp32 initializers to store in fp16."""
     from onnx import TensorProto, helper
 
     FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
     floats = {v.name for v in (*graph.input, *graph.value_info, *graph.output)
               if v.type.tensor_type.elem_type == FLOAT}
-    floats |= {t.name for t in graph.initializer if t.data_type == FLOAT}
+    floats |= {t.name for t in initializers if t.data_type == FLOAT}
     consumers = readers(graph)
 
     def runs_fp32(node) -> bool:
@@ -48,12 +61,13 @@ def convert_graph_fp16(graph) -> None:
 
     fp32_nodes = {id(node) for node in graph.node if runs_fp32(node)}
     home = {v.name: FLOAT for v in graph.input}  # the precision each float tensor is stored in
-    for init in graph.initializer:
+    halved = set()
+    for init in initializers:
         if init.data_type == FLOAT:
             if all(id(c) in fp32_nodes for c in consumers.get(init.name, ())):
                 home[init.name] = FLOAT
             else:
-                init.CopyFrom(_halved(init))
+                halved.add(init.name)
                 home[init.name] = HALF
 
     outputs = {v.name for v in graph.output if v.name in floats}
@@ -84,6 +98,16 @@ def convert_graph_fp16(graph) -> None:
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]  # re-inferred when the file is checked
+    return halved
+
+
+def convert_graph_fp16(graph) -> None:
+    """``convert_fp16`` on a GraphProto held in memory with its weights, for stages that rewrite it further before
+    writing it (the Q/DQ file's fp16 remainder)."""
+    halved = _convert(graph, list(graph.initializer))
+    for init in graph.initializer:
+        if init.name in halved:
+            init.CopyFrom(_halved(init))
 
 
 def _retype_attributes(node) -> None:
@@ -98,8 +122,12 @@ def _retype_attributes(node) -> None:
 
 
 def _halved(tensor):
-    """An fp32 TensorProto as fp16, saturated at fp16's largest finite value rather than turned into inf."""
+    """An fp32 TensorProto (a node's attribute) as fp16, saturated like the weights."""
     from onnx import numpy_helper
 
-    array = np.clip(numpy_helper.to_array(tensor), -FP16_MAX, FP16_MAX).astype(np.float16)
-    return numpy_helper.from_array(array, tensor.name)
+    return numpy_helper.from_array(_saturated(numpy_helper.to_array(tensor)), tensor.name)
+
+
+def _saturated(array: np.ndarray) -> np.ndarray:
+    """fp32 values as fp16, saturated at fp16's largest finite value rather than turned into inf."""
+    return np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16)

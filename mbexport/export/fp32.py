@@ -11,6 +11,8 @@ export from 34 s to 16.
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import io
 import logging
 import warnings
@@ -22,10 +24,10 @@ import torch
 
 from mbexport.errors import MbexportError
 from mbexport.export.blocks import first_block_only, repeat_first_block, weights_as_inputs
-from mbexport.export.onnxfile import checked_onnx
+from mbexport.export.onnxfile import ALIGN_ABOVE, ALIGNMENT, checked_onnx
 from mbexport.inputs import sample_batch
 from mbexport.manifest import external_data_name
-from mbexport.model import MegatronBert
+from mbexport.model import MegatronBert, parameter
 from mbexport.precisions import OPSET
 
 NATIVE_OPSET = 18  # what torch's exporter writes without a version conversion
@@ -41,6 +43,7 @@ def export_onnx(model: MegatronBert, out_path: str | Path, *, opset: int = OPSET
     try:
         with checked_onnx(out_path) as staged, _quiet():
             _write(model.eval(), staged, opset)  # returns before the checks, freeing the exporter's copies
+            gc.collect()  # its graphs are reference cycles: free them (and what they held) now
     finally:
         model.export_form = form
     return Path(out_path)
@@ -49,16 +52,19 @@ def export_onnx(model: MegatronBert, out_path: str | Path, *, opset: int = OPSET
 def _write(model: MegatronBert, path: Path, opset: int) -> None:
     task = model.task
     args, dynamic_shapes = trace_inputs(model)
-    with first_block_only(model) as blocks:  # the other blocks are copies of its graph: see export.blocks
+    with first_block_only(model) as count:  # the other blocks are copies of its graph: see export.blocks
         program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
                                     input_names=task.input_names, output_names=task.output_names,
                                     opset_version=max(opset, NATIVE_OPSET), optimize=False, verbose=False)
     with weights_as_inputs(program.model.graph):
         program.optimize()  # the exporter's own optimizer, on one block
-    repeat_first_block(program.model, blocks)
+    repeat_first_block(program.model, count, functools.partial(parameter, model))
     _retarget(program.model, opset)
     _contiguous(program.model.graph)
-    onnx_ir.save(program.model, path, external_data=external_data_name(path))  # streamed, one tensor at a time
+    onnx_ir.save(program.model, path, external_data=external_data_name(path),  # streamed, one tensor at a time
+                 alignment=ALIGNMENT, align_threshold=ALIGN_ABOVE)
+    for value in program.model.graph.initializers.values():  # onnxscript's rewrite rules keep the last graph
+        value.const_value = None  # they matched (module state): it must not keep the weights, or the checkpoint
 
 
 def trace_inputs(model: MegatronBert) -> tuple[tuple[torch.Tensor, ...], dict]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from mbexport.errors import MbexportError, MissingDependencyError, first_line
 from mbexport.export import convert_graph_fp16
-from mbexport.export.onnxfile import checked_onnx, readers, save_model
+from mbexport.export.onnxfile import checked_onnx, read_weightless, readers, save_model
 from mbexport.fsutil import temp_prefix
 from mbexport.manifest import external_data_name
 from mbexport.precisions import CALIBRATION_METHODS, made_by
@@ -90,12 +90,7 @@ def _head_nodes(onnx_path: str | Path) -> list[str]:
     Inside the trunk, each LayerNorm's input (the residual stream) also feeds the residual Add; the final
     LayerNorm's input feeds only it. Everything downstream of that LayerNorm is the head.
     """
-    import onnx
-
-    try:
-        graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    except Exception as error:  # protobuf's DecodeError and friends
-        raise MbexportError(f"not an ONNX model ({first_line(error)})", onnx_path) from None
+    graph = read_weightless(onnx_path)[0].graph
     consumers = readers(graph)
     final = next((n for n in graph.node if n.op_type == "LayerNormalization" and len(consumers[n.input[0]]) == 1),
                  None)

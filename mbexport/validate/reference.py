@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ def load_reference(manifest: Manifest, task: str | Task) -> MegatronBert:
     """The fp32 reference for ``task``: the recorded checkpoint (hash-checked) plus any seeded head weights.
 
     Export saved seeded heads beside the artifacts, so the reference is rebuilt bit for bit, not re-seeded.
+    Its encoder blocks are streamed from the checkpoint (``build_reference(streamed=True)``): it holds one.
     """
     task = get_task(task) if isinstance(task, str) else task
     path = Path(manifest.source.get("path", ""))
@@ -32,15 +33,16 @@ def load_reference(manifest: Manifest, task: str | Task) -> MegatronBert:
                             "the reference cannot be rebuilt", manifest.root)
     if source_sha256(path) != manifest.source.get("sha256"):
         raise MbexportError("the checkpoint changed since the export (sha256 mismatch)", path)
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, lazy=True)
     if manifest.config and json.loads(json.dumps(checkpoint.config.to_hf_dict())) != manifest.config:
         raise MbexportError("the manifest's config does not match the checkpoint's", manifest.root)
-    state_dict = dict(checkpoint.weights_for(task))
+    seeded = {}
     for weights in manifest.find(task.name, kind="weights"):
         from safetensors.torch import load_file
 
-        state_dict.update(load_file(manifest.trusted_path(weights)))
-    model, _ = build_reference(task, checkpoint.config, state_dict, source=path)
+        seeded.update(load_file(manifest.trusted_path(weights)))
+    model, _ = build_reference(task, checkpoint.config, ChainMap(seeded, checkpoint.weights_for(task)), source=path,
+                               streamed=True)
     return model
 
 

@@ -131,6 +131,8 @@ def validate_task(manifest: Manifest, task: Task, artifacts: list[Artifact], *, 
              for i, (batch, sequence, padding) in enumerate(SHAPES)]
     shapes = [{name: list(array.shape) for name, array in feed.items()} for feed in feeds]
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        # The reference's outputs first; the model (and the checkpoint it streams from) is freed on return,
+        # before any artifact is loaded, so the two are never in memory together.
         reference = _run(TorchRunner(load_reference(manifest, task)), feeds)
         for result in candidates:
             artifact = next(a for a in artifacts if a.path == result.path)
@@ -177,10 +179,9 @@ def _integrity(manifest: Manifest, artifact: Artifact, overrides: dict | None) -
 
 
 def _references_external_data(path: Path) -> bool:
-    import onnx
+    from mbexport.export.onnxfile import read_weightless
 
-    model = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    return any(weight.external for weight in read_weightless(path)[1])
 
 
 def _runner(manifest: Manifest, artifact: Artifact, device: str):
@@ -196,7 +197,8 @@ def _runner(manifest: Manifest, artifact: Artifact, device: str):
         return runner, None
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    return OnnxrtRunner(lambda: ort_session(path, device, shaped_for=artifact.runtime), name=artifact.path), None
+    return OnnxrtRunner(lambda: ort_session(path, device, shaped_for=artifact.runtime, lean=True),
+                        name=artifact.path), None
 
 
 def _run(runner, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
