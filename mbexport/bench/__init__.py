@@ -200,7 +200,7 @@ def _torch_opener(manifest: Manifest, task: Task, device: str, precision: str) -
 
         from mbexport.validate import load_reference
 
-        model = load_reference(manifest, task)
+        model = load_reference(manifest, task, streamed=False)  # moved to the device and cast: held whole
         model.export_form = False  # scaled_dot_product_attention and F.gelu: PyTorch's fast path
         model.to(device=device, dtype=getattr(torch, get_precision(precision).torch_dtype))
         return lambda feed: torch_timer(model, feed, device)

@@ -20,11 +20,12 @@ from mbexport.model import MegatronBert, build_reference
 from mbexport.tasks import Task, get_task
 
 
-def load_reference(manifest: Manifest, task: str | Task) -> MegatronBert:
+def load_reference(manifest: Manifest, task: str | Task, *, streamed: bool = True) -> MegatronBert:
     """The fp32 reference for ``task``: the recorded checkpoint (hash-checked) plus any seeded head weights.
 
     Export saved seeded heads beside the artifacts, so the reference is rebuilt bit for bit, not re-seeded.
-    Its encoder blocks are streamed from the checkpoint (``build_reference(streamed=True)``): it holds one.
+    ``streamed``: its encoder blocks are streamed from the checkpoint (``build_reference(streamed=True)``): it
+    holds one; without it, the whole model, for a caller that moves it to a device or casts it (bench).
     """
     task = get_task(task) if isinstance(task, str) else task
     path = Path(manifest.source.get("path", ""))
@@ -42,7 +43,7 @@ def load_reference(manifest: Manifest, task: str | Task) -> MegatronBert:
 
         seeded.update(load_file(manifest.trusted_path(weights)))
     model, _ = build_reference(task, checkpoint.config, ChainMap(seeded, checkpoint.weights_for(task)), source=path,
-                               streamed=True)
+                               streamed=streamed)
     return model
 
 
