@@ -19,9 +19,9 @@ mb inspect "$ckpt"
 step "3. convert it to a Hugging Face MegatronBert folder"
 mb convert "$ckpt" --out "$demo/hf" --vocab "$vocab"
 
-step "4. build: QA fp16/int8/fp8, masked-LM fp16, classification int8 (ONNX target without TensorRT)"
+step "4. build: QA fp16/int8/fp8, masked-LM fp16, classification int8 (ONNX target without TensorRT), QA int8 for ONNX Runtime"
 # The NGC checkpoint holds only the pretraining heads: the QA and classifier heads are seeded (and saved).
-for recipe in qa-fp16 qa-int8 qa-fp8 mlm-fp16 seq-cls-int8; do
+for recipe in qa-fp16 qa-int8 qa-fp8 mlm-fp16 seq-cls-int8 qa-int8-ort; do
   mb build "$ckpt" --recipe "$recipe" --out "$demo/artifacts" --vocab "$vocab" --init-missing-head 0
 done
 
