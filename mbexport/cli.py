@@ -410,13 +410,19 @@ def build_command(
 @app.command("recipes")
 def recipes_command():
     """List the shipped build recipes."""
+    from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     from mbexport.recipes import RECIPES_DIR, load_recipe, shipped_recipes
 
-    table = Table("name", "task", "precision", "runtime", "description")
+    # Two columns, so 80 are enough: what it builds on one line (never cut: a task name with an ellipsis is no
+    # name), the description wrapped under it.
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("recipe", no_wrap=True)
+    table.add_column("builds")
     for path in shipped_recipes():
         recipe = load_recipe(path)
-        table.add_row(recipe.name, recipe.task, recipe.precision, recipe.runtime, recipe.description)
+        table.add_row(recipe.name, Text(f"{recipe.task}, {recipe.precision}, for {recipe.runtime}\n{recipe.description}"))
     console.print(table)
     console.print(f"in {RECIPES_DIR}: copy one, edit it, and pass --recipe FILE", soft_wrap=True)

@@ -247,8 +247,9 @@ def test_cli_errors_are_one_line(tmp_path, example, cli):
 def test_recipes_command_lists_shipped_recipes(cli):
     code, out, _ = cli("recipes")
     assert code == 0
-    for name in ("qa-fp16", "qa-int8", "qa-fp8", "mlm-fp16", "seq-cls-int8"):
+    for name in ("qa-fp16", "qa-int8", "qa-fp8", "mlm-fp16", "seq-cls-int8", "qa-int8-ort"):
         assert name in out
+    assert "question-answering, int8, for onnxruntime" in out and "…" not in out  # nothing cut at 80 columns
 
 
 @pytest.mark.tensorrt
