@@ -440,11 +440,12 @@ def _to_hf_names(merged: LazyTensors, file: Path) -> tuple[LazyTensors, list[str
                          "there is no masked-LM head")
         merged = merged.selected([name for name in merged if name not in ("lm_head.bias", names.UNTIED_OUTPUT)])
     untied = merged.pop(names.UNTIED_OUTPUT, None)
-    word = merged.get("word_embeddings.weight") if untied is not None or "lm_head.bias" not in merged else None
+    zero_bias = "lm_head.dense.weight" in merged and "lm_head.bias" not in merged
+    word = merged.get("word_embeddings.weight") if untied is not None or zero_bias else None  # made only if needed
     if untied is not None and (word is None or untied.shape != word.shape or not torch.equal(untied, word)):
         raise CheckpointError("output_layer.weight is not tied to the word embeddings, which Hugging Face's "
                               "MegatronBert requires", file)
-    if "lm_head.dense.weight" in merged and "lm_head.bias" not in merged and isinstance(word, torch.Tensor):
+    if zero_bias and isinstance(word, torch.Tensor):
         merged.add("lm_head.bias", _first, torch.zeros(word.shape[0], dtype=word.dtype))
         notes.append("output_layer has no bias (output_layer_bias=False): read as a zero bias")
     return merged.renamed(lambda name: name if name.startswith("bert.") else names.to_hf(name)), notes
