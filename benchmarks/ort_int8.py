@@ -70,7 +70,7 @@ def dynamic_twin(static: Path, out: Path) -> None:
     import onnx
     from onnx import helper
 
-    from mbexport.export.ort import MS
+    from mbexport.export.ort import MS, prune
 
     model = onnx.load(str(static))
     graph = model.graph
@@ -91,10 +91,7 @@ def dynamic_twin(static: Path, out: Path) -> None:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in nodes for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    prune(graph)
     onnx.save(model, str(out))
 
 

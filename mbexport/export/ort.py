@@ -59,7 +59,7 @@ def fused_model(fp32_path: str | Path):
     model = onnx.load(str(fp32_path))
     _fuse_attention(model.graph, fp32_path)
     _fuse_gelu(model.graph)
-    _prune(model.graph)
+    prune(model.graph)
     model.opset_import.append(helper.make_opsetid(MS, 1))
     return model
 
@@ -72,7 +72,7 @@ def _replace(graph, dead: set[int], at: dict[int, list]) -> None:
     graph.node.extend(nodes)
 
 
-def _prune(graph) -> None:
+def prune(graph) -> None:
     """Remove the nodes and initializers nothing reads any more (the export's additive mask, say)."""
     live = {output.name for output in graph.output}
     kept = []

@@ -26,7 +26,7 @@ import numpy as np
 
 from mbexport.errors import MbexportError
 from mbexport.export.onnxfile import checked_onnx, readers, save_model
-from mbexport.export.ort import MS, fused_model
+from mbexport.export.ort import MS, fused_model, prune
 from mbexport.fsutil import temp_prefix
 from mbexport.precisions import CALIBRATION_METHODS, ONNXRUNTIME, made_by
 
@@ -90,10 +90,7 @@ def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str =
     nodes = [new for node in graph.node if id(node) not in folded for new in replaced.get(id(node), [node])]
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    prune(graph)  # the fp32 weights the integer operators replaced
     with checked_onnx(out_path) as staged:
         save_model(model, staged)
     return Path(out_path)
