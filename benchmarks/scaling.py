@@ -1,7 +1,7 @@
 """Wall time, peak memory and bytes of every stage at the Megatron-LM paper's BERT sizes (345M, 1.3B, 3.9B).
 
     python benchmarks/scaling.py 345m [--work /tmp/mbexport-scaling] [--stages convert,export,fp16,validate,build]
-    python benchmarks/scaling.py 1.3b --stages convert,export,fp16,int8,validate,build
+    python benchmarks/scaling.py 1.3b --stages convert,export,fp16,int8,fp8,validate,build
     python benchmarks/scaling.py 3.9b            # about 40 GB of disk and 20 GB of memory: on an idle machine
 
 A random checkpoint (fp16 weights, as Megatron trains and saves them) is written in a tensor-parallel TP=4
@@ -11,9 +11,10 @@ the bytes it moved through read()/write() (``/proc/PID/io`` rchar/wchar, polled;
 counted there) and the largest file it reads or writes. Issue 14's bound is peak RSS <= 1.25 x that file.
 
 Stages: ``convert`` (to a Hugging Face folder), ``export`` (fp32 ONNX of the QA head, seeded), ``fp16`` (the
-fp32 ONNX to fp16, recorded like ``build`` records it), ``int8`` (Model Optimizer calibration and Q/DQ, 32
-seeded examples), ``validate`` (fp32 + fp16 against the reference), and ``build`` (``mbexport build --recipe
-qa-fp16`` in one process, into a fresh folder). Everything under ``--work`` is deleted at the end unless
+fp32 ONNX to fp16, recorded like ``build`` records it), ``int8`` and ``fp8`` (calibration and Q/DQ for
+TensorRT with the ``qa-int8`` recipe's calibration: 128 seeded examples of 384 tokens, max), ``int8-ort``
+(the same for ONNX Runtime's integer kernels), ``validate`` (fp32 + fp16 against the reference), and
+``build`` (``mbexport build --recipe qa-fp16`` in one process, into a fresh folder). Everything under ``--work`` is deleted at the end unless
 ``--keep``; each stage's output that no later stage reads is deleted as soon as it is measured.
 
 Disk at the peak, at 3.9B: checkpoint 7.8 GB, fp32 ONNX 15.6 GB, fp16 ONNX 7.8 GB, plus the stage's staged
@@ -50,7 +51,7 @@ SIZES = {
     "3.9b": MegatronBertConfig(vocab_size=30592, hidden_size=2560, num_hidden_layers=48, num_attention_heads=40,
                                intermediate_size=10240, max_position_embeddings=512),
 }
-STAGES = ("convert", "export", "fp16", "int8", "validate", "build")
+STAGES = ("convert", "export", "fp16", "int8", "fp8", "int8-ort", "validate", "build")
 DEFAULT_STAGES = ("convert", "export", "fp16", "validate", "build")
 TP = 4
 TASK = "question-answering"
@@ -66,16 +67,21 @@ path = convert_fp16(manifest.path_of(fp32), manifest.root / task.name / "model.f
 manifest.record(task, "fp16", "onnx", path, converted_from=fp32.path)
 manifest.save()
 """
-INT8 = """
+QUANTIZE = """
+import warnings
 from mbexport.config import MegatronBertConfig
 from mbexport.manifest import Manifest
-from mbexport.quantize import calibration_batches, quantize_onnx
+from mbexport.precisions import get_precision
+from mbexport.quantize import calibration_batches
+from mbexport.recipes import load_recipe
 from mbexport.tasks import get_task
 manifest, task = Manifest.load({out!r}), get_task({task!r})
 config = MegatronBertConfig.from_hf_dict(manifest.config)
-batches = calibration_batches(task, config, size=32, sequence=128)
-quantize_onnx(manifest.path_of(manifest.find(task.name, "fp32", "onnx")[0]), {target!r}, mode="int8",
-              calibration=batches)
+calibration = load_recipe("qa-int8").calibration
+warnings.simplefilter("ignore")  # seeded ids, not text: this measures memory and time
+batches = calibration_batches(task, config, size=calibration.size, sequence=calibration.sequence)
+get_precision({mode!r}, {runtime!r}).transform(manifest.path_of(manifest.find(task.name, "fp32", "onnx")[0]),
+                                               {target!r}, mode={mode!r}, calibration=batches)
 """
 
 
@@ -135,9 +141,11 @@ def run_stage(stage: str, checkpoint: Path, out: Path, work: Path) -> dict:
     elif stage == "fp16":
         result = measured(["-c", FP16.format(out=str(out), task=TASK)])
         result["files"] = sizes(onnx_files(out, "fp32") + onnx_files(out, "fp16"))
-    elif stage == "int8":
-        target = work / "int8" / "model.int8.onnx"
-        result = measured(["-c", INT8.format(out=str(out), task=TASK, target=str(target))])
+    elif stage in ("int8", "fp8", "int8-ort"):
+        mode, _, runtime = stage.partition("-")
+        target = work / "quantized" / f"model.{stage}.onnx"
+        result = measured(["-c", QUANTIZE.format(out=str(out), task=TASK, target=str(target), mode=mode,
+                                                 runtime="onnxruntime" if runtime else "tensorrt")])
         result["files"] = sizes(onnx_files(out, "fp32") + list(target.parent.iterdir()))
         shutil.rmtree(target.parent)
     elif stage == "validate":

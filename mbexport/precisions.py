@@ -78,10 +78,10 @@ PRECISIONS: dict[tuple[str, str], Precision] = {
                   torch_dtype="float32"),
         Precision("fp16", "export", "convert", "converting the fp32 graph to strongly typed fp16",
                   Ref("mbexport.export.fp16:convert_fp16"), FP16_TOLERANCES, math="fp16", torch_dtype="float16"),
-        Precision("int8", "quantize", "quantize", "placing Q/DQ with Model Optimizer", QDQ, QUANTIZED_TOLERANCES,
-                  calibrated=True, extra="quant", math="int8"),
-        Precision("fp8", "quantize", "quantize", "placing Q/DQ with Model Optimizer", QDQ, QUANTIZED_TOLERANCES,
-                  calibrated=True, extra="quant", min_capability=(8, 9), math="fp8"),  # Ada, Hopper
+        Precision("int8", "quantize", "quantize", "placing Q/DQ on the encoder MatMuls", QDQ, QUANTIZED_TOLERANCES,
+                  calibrated=True, math="int8"),
+        Precision("fp8", "quantize", "quantize", "placing Q/DQ on the encoder MatMuls", QDQ, QUANTIZED_TOLERANCES,
+                  calibrated=True, min_capability=(8, 9), math="fp8"),  # Ada, Hopper
         # Shaped for ONNX Runtime (export/ort.py): its fused attention (any padding, no causal mask) and GELU;
         # fp16 through the same fp16 pass as TensorRT's, for ORT's CUDA provider
         Precision("fp32", "export", "fuse", "rewriting attention to ONNX Runtime's fused operators",

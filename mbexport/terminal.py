@@ -1,7 +1,7 @@
 """What mbexport prints, and how: one stdout and one stderr console, and build's live stage display.
 
 Both consoles print text literally (no rich markup, no highlighting): messages carry user data such as
-``ckpt[v2].zip`` and hints such as ``pip install 'mbexport[quant]'``, which markup would eat. Styles are
+``ckpt[v2].zip`` and hints such as ``pip install 'mbexport[bench]'``, which markup would eat. Styles are
 given as arguments, never inside the text. Everything that draws on the terminal uses ``err``, so live
 displays nest instead of fighting over the cursor.
 """

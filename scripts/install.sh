@@ -6,7 +6,7 @@ venv=${1:-.venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q "torch==2.13.0"
-"$venv/bin/python" -m pip install -q -e ".[quant,bench,test]"
+"$venv/bin/python" -m pip install -q -e ".[bench,test]"
 
 # A real Triton server for the tests (tests/tritonserver.py assembles it from this and ../shared/triton):
 # - the nvidia-pytriton wheel, which carries tritonserver 2.51.0 and its Python backend; kept as a file, not

@@ -6,16 +6,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-NEEDS = ("tensorrt", "gpu", "quant")  # the markers (pyproject.toml); a marked test runs only where missing() is None
+NEEDS = ("tensorrt", "gpu", "modelopt")  # the markers (pyproject.toml); a marked test runs only where missing() is None
 
 
 def missing(need: str) -> str | None:
     """Why a test marked ``tensorrt``, ``gpu`` or ``quant`` cannot run on this machine (its skip reason), or None."""
-    if need == "quant":
+    if need == "modelopt":
         import importlib.util
 
         return None if importlib.util.find_spec("modelopt") else ("needs NVIDIA Model Optimizer, not installed here "
-                                                                  "(pip install 'mbexport[quant]')")
+                                                                  "(the oracle for Q/DQ placement: pip install 'mbexport[test]')")
     if need == "tensorrt":
         from mbexport.engine import tensorrt_available
 

@@ -293,7 +293,7 @@ def test_each_stage_says_what_it_is_doing(qa_copy, example):
           init_missing_head=0, busy=busy)
     assert calls == [
         ("quantize question-answering int8 (2/3)",
-         "calibrating on 3 seeded examples x 32 tokens (max), placing Q/DQ with Model Optimizer"),
+         "calibrating on 3 seeded examples x 32 tokens (max), placing Q/DQ on the encoder MatMuls"),
         ("validate (3/3)", "comparing question-answering fp32 and int8 with the PyTorch reference on ONNX Runtime "
                            "(cpu)")]
 
@@ -323,7 +323,7 @@ def test_the_live_display_wraps_what_a_stage_does_at_80_columns():
     from mbexport.terminal import StageDisplay
 
     screen = io.StringIO()
-    doing = "calibrating on 64 lines of calib.txt x 128 tokens (max), placing Q/DQ with Model Optimizer"
+    doing = "calibrating on 64 lines of calib.txt x 128 tokens (max), placing Q/DQ on the encoder MatMuls"
     with StageDisplay(Console(file=screen, force_terminal=True, width=80, markup=False)).busy(
             "quantize masked-lm int8 (2/3)", doing):
         time.sleep(0.3)

@@ -61,7 +61,7 @@ def fp32_onnx(example, tmp_path_factory):
     return inline, external
 
 
-def test_fp16_from_external_data_equals_fp16_from_one_file_and_the_in_memory_conversion(fp32_onnx, tmp_path):
+def test_fp16_from_external_data_equals_fp16_from_one_file_and_halves_the_weights_it_should(fp32_onnx, tmp_path):
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -303,7 +303,6 @@ def test_validate_passes_a_model_with_external_data_with_the_figures_of_the_one_
     assert figures["one file"] == figures["external data"]
 
 
-@pytest.mark.quant
 def test_an_int8_build_past_2gb_keeps_external_data_through_quantization_and_validation(example, tmp_path,
                                                                                         monkeypatch):
     import mbexport.export.onnxfile as onnxfile

@@ -28,13 +28,13 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
     written, one at a time, so the pass holds about one tensor whatever the model's size.
     """
     model, weights = read_weightless(fp32_path)
-    halved = _convert(model.graph, [w.tensor for w in weights])
+    halved = convert_graph_fp16(model.graph, [w.tensor for w in weights])
     with checked_onnx(out_path) as staged:
-        save_with_weights(model, (_weight(w, w.tensor.name in halved) for w in weights), staged)
+        save_with_weights(model, (stored(w, w.tensor.name in halved) for w in weights), staged)
     return Path(out_path)
 
 
-def _weight(weight: Weight, halve: bool) -> tuple[object, bytes]:
+def stored(weight: Weight, halve: bool) -> tuple[object, bytes]:
     """(TensorProto without data, raw bytes) of one initializer for ``save_with_weights``, halved or as it is."""
     from onnx import TensorProto
 
@@ -42,11 +42,12 @@ def _weight(weight: Weight, halve: bool) -> tuple[object, bytes]:
     if not halve:
         return weight.tensor, raw
     tensor = TensorProto(name=weight.tensor.name, dims=weight.tensor.dims, data_type=TensorProto.FLOAT16)
-    return tensor, _saturated(np.frombuffer(raw, dtype="<f4")).tobytes()
+    return tensor, saturated_fp16(np.frombuffer(raw, dtype="<f4")).tobytes()
 
 
-def _convert(graph, initializers: list) -> set[str]:
-    """Convert ``graph`` (without its initializers) in place; returns the fp32 initializers to store in fp16."""
+def convert_graph_fp16(graph, initializers: list) -> set[str]:
+    """Convert ``graph`` (without its initializers, which ``initializers`` describe: TensorProtos, their data
+    not needed) in place; returns the names of the fp32 initializers to store in fp16 (``stored``)."""
     from onnx import TensorProto, helper
 
     FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -101,15 +102,6 @@ def _convert(graph, initializers: list) -> set[str]:
     return halved
 
 
-def convert_graph_fp16(graph) -> None:
-    """``convert_fp16`` on a GraphProto held in memory with its weights, for stages that rewrite it further before
-    writing it (the Q/DQ file's fp16 remainder)."""
-    halved = _convert(graph, list(graph.initializer))
-    for init in graph.initializer:
-        if init.name in halved:
-            init.CopyFrom(_halved(init))
-
-
 def _retype_attributes(node) -> None:
     """A node moved to fp16 must also make its own float constants and Cast targets fp16."""
     from onnx import AttributeProto, TensorProto
@@ -125,9 +117,9 @@ def _halved(tensor):
     """An fp32 TensorProto (a node's attribute) as fp16, saturated like the weights."""
     from onnx import numpy_helper
 
-    return numpy_helper.from_array(_saturated(numpy_helper.to_array(tensor)), tensor.name)
+    return numpy_helper.from_array(saturated_fp16(numpy_helper.to_array(tensor)), tensor.name)
 
 
-def _saturated(array: np.ndarray) -> np.ndarray:
+def saturated_fp16(array: np.ndarray) -> np.ndarray:
     """fp32 values as fp16, saturated at fp16's largest finite value rather than turned into inf."""
     return np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16)

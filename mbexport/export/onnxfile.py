@@ -15,7 +15,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -45,6 +45,26 @@ def readers(graph) -> dict[str, list]:
         for name in node.input:
             found.setdefault(name, []).append(node)
     return found
+
+
+def head_nodes(graph, source) -> set[int]:
+    """Positions in ``graph.node`` of every node after the trunk's final LayerNormalization (the task head), found
+    by the pre-LN structure: inside the trunk each LayerNorm's input, the residual stream, also feeds the
+    residual Add; the final LayerNorm's input feeds only it. (Positions, not ids: protobuf hands out a new
+    wrapper per access, and a freed wrapper's id is reused.)"""
+    nodes = list(graph.node)
+    position = {id(node): i for i, node in enumerate(nodes)}
+    consumers = readers(graph)
+    final = next((n for n in nodes if n.op_type == "LayerNormalization" and len(consumers[n.input[0]]) == 1), None)
+    if final is None:
+        raise MbexportError("no final LayerNormalization: not a pre-LN Megatron-BERT export", source)
+    head, frontier = set(), list(final.output)
+    while frontier:
+        for node in consumers.get(frontier.pop(), ()):
+            if position[id(node)] not in head:
+                head.add(position[id(node)])
+                frontier += node.output
+    return head
 
 
 @contextlib.contextmanager
@@ -171,15 +191,18 @@ def save_with_weights(model, weights: Iterable[tuple[object, bytes]], path: str 
     return path
 
 
-def weights_by_reference(path: str | Path) -> bytes:
+def weights_by_reference(path: str | Path, edit: Callable[[object], None] | None = None) -> bytes:
     """``path``'s model, serialized with every weight from 1 KB on as external data that points at its bytes
     where they are: inside the model file itself, or in its external data file. ONNX Runtime, given these
     bytes and the file's folder (session.model_external_initializers_file_folder_path), memory-maps the
-    weights instead of parsing them into a copy."""
+    weights instead of parsing them into a copy. ``edit`` may change the model (without its weights) first:
+    calibration adds the outputs it reads."""
     import onnx
 
     path = Path(path)
     model, weights = read_weightless(path)
+    if edit is not None:
+        edit(model)
     for weight in weights:
         tensor = weight.tensor
         if weight.file is None or weight.length < INLINE_BELOW:  # shape constants: ORT's checks read them

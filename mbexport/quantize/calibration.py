@@ -7,18 +7,22 @@ its accuracy says little about real traffic, hence the warning.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from mbexport.config import MegatronBertConfig
-from mbexport.errors import MbexportError
+from mbexport.errors import MbexportError, first_line
 from mbexport.inputs import sample_batch
 from mbexport.tasks import Task, get_task
 from mbexport.text import encode, load_tokenizer, read_lines
 
 BATCH = 16  # rows per calibration batch: enough for stable ranges, small enough for large vocabularies
+ENTROPY_BYTES = 256 << 20  # entropy calibration holds at most this much of activations at once (one row at least)
 
 
 def calibration_batches(task: str | Task, config: MegatronBertConfig, *, text: str | Path | None = None,
@@ -57,3 +61,73 @@ def calibration_batches(task: str | Task, config: MegatronBertConfig, *, text: s
             feed = {name: array.reshape(-1, choices, array.shape[-1]) for name, array in feed.items()}
         batches.append({name: feed[name] for name in task.input_names})
     return batches
+
+
+def activation_ranges(fp32_path: str | Path, names: list[str], calibration: list[dict[str, np.ndarray]],
+                      method: str) -> dict[str, tuple[float, float]]:
+    """(low, high) of each tensor in ``names`` of the fp32 export over the calibration batches, in ONNX Runtime.
+
+    The session memory-maps the file's weights (``runtime.ort_session(lean=True)``) and runs one batch at a
+    time, so memory is the weights plus a batch's activations, whatever the calibration size. ``max``: each
+    tensor's ReduceMin and ReduceMax run right after the node that makes it (ONNX Runtime runs nodes in the
+    order given, so the tensor is freed as usual once its readers ran), two numbers per tensor and batch.
+    ``entropy``: the tensors themselves are outputs, which ONNX Runtime's histogram collector folds in; all of
+    them are alive at the end of a run, so a batch runs in slices of rows whose outputs fit ``ENTROPY_BYTES``
+    (whole batches for small models, where the histograms then grow exactly as Model Optimizer's do; one row
+    at a time at 345M x 384 tokens). The range is the collector's KL-divergence threshold.
+    """
+    from onnx import helper
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from mbexport.runtime import ort_session
+
+    wanted = set(names)
+    reduced = {name: (f"mbexport_min_{i}", f"mbexport_max_{i}") for i, name in enumerate(names)}
+    outputs = [out for pair in reduced.values() for out in pair] if method == "max" else names
+
+    shapes = {}
+
+    def probe(model) -> None:
+        graph = model.graph
+        shapes.update((v.name, [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim])
+                      for v in graph.value_info if v.name in wanted)
+        if method == "max":
+            nodes = [helper.make_node(op, [name], [out], keepdims=0) for name in wanted & {i.name for i in graph.input}
+                     for op, out in zip(("ReduceMin", "ReduceMax"), reduced[name])]
+            for node in graph.node:
+                nodes.append(node)
+                nodes += [helper.make_node(op, [name], [out], keepdims=0) for name in node.output if name in wanted
+                          for op, out in zip(("ReduceMin", "ReduceMax"), reduced[name])]
+            del graph.node[:]
+            graph.node.extend(nodes)
+        del graph.output[:]
+        graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
+
+    session = ort_session(fp32_path, lean=True, edit=probe)
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return session.run(outputs, feed)
+        except Exception as error:  # ONNX Runtime raises its own types for a bad feed
+            raise MbexportError(f"ONNX Runtime cannot run the calibration batches ({first_line(error)})",
+                                fp32_path) from None
+
+    if method == "max":
+        low, high = dict.fromkeys(names, np.inf), dict.fromkeys(names, -np.inf)
+        for feed in calibration:
+            values = run(feed)
+            for name, least, most in zip(names, values[0::2], values[1::2]):
+                low[name], high[name] = min(low[name], float(least)), max(high[name], float(most))
+        return {name: (low[name], high[name]) for name in names}
+    collector = HistogramCollector("entropy", symmetric=False, num_bins=128, num_quantized_bins=128,
+                                   percentile=99.999, scenario="same")
+    with contextlib.redirect_stdout(io.StringIO()):  # the collector prints its progress
+        for feed in calibration:
+            rows, sequence = next(iter(feed.values())).shape[0], max(v.shape[-1] for v in feed.values())
+            row_bytes = sum(4 * math.prod(d if isinstance(d, int) and d > 0 else 1 if d == "batch" else sequence
+                                          for d in dims) for dims in shapes.values())
+            step = max(1, ENTROPY_BYTES // max(row_bytes, 1))
+            for start in range(0, rows, step):
+                collector.collect(dict(zip(names, run({k: v[start:start + step] for k, v in feed.items()}))))
+        thresholds = collector.compute_collection_result()
+    return {name: (float(thresholds[name][0]), float(thresholds[name][1])) for name in names}

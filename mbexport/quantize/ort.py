@@ -17,18 +17,15 @@ activations.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mbexport.errors import MbexportError
-from mbexport.export.onnxfile import checked_onnx, readers, save_model
+from mbexport.export.onnxfile import checked_onnx, head_nodes, readers, save_model
 from mbexport.export.ort import MS, fused_model, prune
-from mbexport.fsutil import temp_prefix
 from mbexport.precisions import CALIBRATION_METHODS, ONNXRUNTIME, made_by
+from mbexport.quantize.calibration import activation_ranges
 
 QMAX = 127  # symmetric int8 weights in [-127, 127]
 
@@ -52,10 +49,11 @@ def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str =
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
     consumers = readers(graph)
-    head = _head(graph, fp32_path)
-    targets = [n for n in graph.node if id(n) not in head
+    head = head_nodes(graph, fp32_path)
+    targets = [n for position, n in enumerate(graph.node) if position not in head
                and (n.op_type == "Attention" or (n.op_type == "MatMul" and n.input[1] in weights))]
-    ranges = _ranges(model, sorted({n.input[0] for n in targets}), calibration, method, out_path)
+    # The fused operators read the tensors the fp32 export names the same: ranges come from the fp32 file.
+    ranges = activation_ranges(fp32_path, sorted({n.input[0] for n in targets}), calibration, method)
     replaced, folded = {}, set()
     for index, node in enumerate(targets):
         name, x, output = f"mbexport_int8_{index}", node.input[0], node.output[0]
@@ -107,71 +105,3 @@ def _bias(after: list, output: str, weights: dict, width: int):
     if bias is None or tuple(bias.dims) != (width,) or bias.data_type != TensorProto.FLOAT:
         return None
     return after[0]
-
-
-def _head(graph, source) -> set[int]:
-    """ids of every node after the trunk's final LayerNormalization: in a pre-LN encoder the only one whose
-    input (the residual stream) nothing else reads, before the head's own."""
-    consumers = readers(graph)
-    final = next((n for n in graph.node if n.op_type == "LayerNormalization" and len(consumers[n.input[0]]) == 1),
-                 None)
-    if final is None:
-        raise MbexportError("no final LayerNormalization: not a pre-LN Megatron-BERT export", source)
-    head, frontier = set(), list(final.output)
-    while frontier:
-        for node in consumers.get(frontier.pop(), ()):
-            if id(node) not in head:
-                head.add(id(node))
-                frontier += node.output
-    return head
-
-
-def _ranges(model, names: list[str], calibration: list[dict[str, np.ndarray]], method: str,
-            out_path: str | Path) -> dict[str, tuple[float, float]]:
-    """(low, high) of each tensor in ``names`` over the calibration batches, run in ONNX Runtime.
-
-    ``max``: the model also outputs each tensor's ReduceMin/ReduceMax, so a batch adds two numbers per tensor;
-    ``entropy``: it outputs the tensors, which ONNX Runtime's histogram collector folds in one batch at a time.
-    The probe is ``model`` itself, saved with those outputs, which are then taken out again (and its weights read
-    back from the saved file).
-    """
-    import onnx
-    import onnxruntime as ort
-    from onnxruntime.quantization.calibrate import HistogramCollector
-
-    graph = model.graph
-    outputs, probes = list(graph.output), []
-    for i, name in enumerate(names if method == "max" else ()):
-        probes += [onnx.helper.make_node(op, [name], [f"mbexport_{op}_{i}"], keepdims=0)
-                   for op in ("ReduceMin", "ReduceMax")]
-    probed = [out for node in probes for out in node.output] or names
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=temp_prefix(out_path), dir=out_path.parent) as tmp:
-        graph.node.extend(probes)
-        del graph.output[:]
-        graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in probed)
-        try:
-            save_model(model, Path(tmp) / "probe.onnx")
-            onnx.load_external_data_for_model(model, tmp)
-        finally:
-            del graph.output[:]
-            graph.output.extend(outputs)
-            del graph.node[len(graph.node) - len(probes):]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(Path(tmp) / "probe.onnx"), options, providers=["CPUExecutionProvider"])
-        if method == "max":
-            low, high = dict.fromkeys(names, np.inf), dict.fromkeys(names, -np.inf)
-            for feed in calibration:
-                values = session.run(probed, feed)
-                for name, least, most in zip(names, values[0::2], values[1::2]):
-                    low[name], high[name] = min(low[name], float(least)), max(high[name], float(most))
-            return {name: (low[name], high[name]) for name in names}
-        collector = HistogramCollector("entropy", symmetric=False, num_bins=128, num_quantized_bins=128,
-                                       percentile=99.999, scenario="same")
-        with contextlib.redirect_stdout(io.StringIO()):  # the collector prints its progress
-            for feed in calibration:
-                collector.collect(dict(zip(names, session.run(names, feed))))
-            thresholds = collector.compute_collection_result()
-    return {name: (float(thresholds[name][0]), float(thresholds[name][1])) for name in names}

@@ -1,40 +1,44 @@
-"""fp32 ONNX -> Q/DQ ONNX with NVIDIA Model Optimizer, calibrated on the CPU.
+"""fp32 ONNX -> Q/DQ ONNX for TensorRT (INT8 or FP8), calibrated on the CPU, written one weight at a time.
 
-Placement is TensorRT's: symmetric per-channel weights and per-tensor activations on the encoder's
-MatMuls and nothing else: not Gather, Softmax or LayerNormalization, not the residual stream (Model
-Optimizer would put Q/DQ on residual Adds, so LayerNorm would read int8 values of a stream whose outliers
-grow with depth in a pre-LN model), not the task head (everything after the trunk's final LayerNorm: LM
-transform and decoder, pooler, classifier, span head). Whether attention's two batched MatMuls get Q/DQ is
-Model Optimizer's call (it checks the shapes TensorRT's fused attention takes). ONNX Runtime's default
-``quantize_static`` quantizes Gather, LayerNorm and Softmax too and costs the trained fixture most of its
-masked-LM accuracy.
+Placement is the one NVIDIA Model Optimizer 0.47 chooses for this export (``tests/test_quantize.py`` runs Model
+Optimizer as the oracle and compares): a Q/DQ pair on both inputs of every MatMul of the trunk and nowhere
+else. Not on Gather, Softmax or LayerNormalization, not on the residual stream (LayerNorm would read int8
+values of a stream whose outliers grow with depth in a pre-LN model), not in the task head (everything after
+the trunk's final LayerNorm: LM transform and decoder, pooler, classifier, span head). A weight gets
+symmetric per-output-channel scales, an activation one symmetric per-tensor scale (one pair per tensor,
+shared by its readers): amax / 127 for INT8, amax / 448 for FP8; Softmax's output has the range [0, 1]. The
+attention's two batched MatMuls (the only ones without a weight) get Q/DQ in INT8, which TensorRT's INT8
+fused attention takes, and not in FP8, where Model Optimizer finds no FP8 fused-attention pattern in this
+graph. A MatMul with a static dimension under 16 gets none (Model Optimizer's small-GEMM rule). Model
+Optimizer also leaves out the batched MatMuls when its first calibration batch has fewer than 16 tokens;
+here the model decides, not the batch.
 
-What is not quantized runs in fp16, with the fp16 export's fp32 islands (LayerNorm, Softmax, the Adds
-feeding them): TensorRT 11 builds strongly typed, so an fp32 remainder would stay fp32 on the GPU. Model
-Optimizer's own ``high_precision_dtype="fp16"`` would put LayerNorm and the residual stream in fp16 too;
-instead the fp32-remainder output goes through the fp16 export's conversion. On the trained fixture both
-remainders keep the same accuracy (within a few masked tokens of 7191). Then each weight's QuantizeLinear is
-computed once and stored as int8 / fp8 (``weights.py``): the file holds one byte per quantized weight.
+Why not Model Optimizer itself: it loads, checks, shape-infers and saves the whole model about ten times
+over. On the 345M QA head it held 12.7 GB for 4 calibration rows and took 290 s; at 1.3B it ran out of 24
+GB. Here the graph is rewritten without its weights, the activation ranges come from ONNX Runtime running
+the fp32 file with memory-mapped weights one batch at a time (``calibration.activation_ranges``), and each
+weight is then read, quantized and written on its own.
+
+What is not quantized runs in fp16, with the fp16 export's fp32 islands (``export.fp16``): TensorRT 11
+builds strongly typed, so an fp32 remainder would stay fp32 on the GPU. Quantized weights are stored as int8
+or float8e4m3fn (``weights.py``), computed from the fp16 weight and fp16 scale the graph holds.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from mbexport.errors import MbexportError, MissingDependencyError, first_line
-from mbexport.export import convert_graph_fp16
-from mbexport.export.onnxfile import checked_onnx, read_weightless, readers, save_model
-from mbexport.fsutil import temp_prefix
-from mbexport.manifest import external_data_name
+from mbexport.errors import MbexportError
+from mbexport.export.fp16 import convert_graph_fp16, saturated_fp16, stored
+from mbexport.export.onnxfile import Weight, checked_onnx, head_nodes, read_weightless, save_with_weights
 from mbexport.precisions import CALIBRATION_METHODS, made_by
-from mbexport.quantize.weights import store_weights_quantized
+from mbexport.quantize.calibration import activation_ranges
+from mbexport.quantize.weights import quantize_linear, symmetric_scales
+
+QDQ_OPSET = 19  # QuantizeLinear of float8e4m3fn, saturating
+MIN_GEMM = 16  # Model Optimizer's _MIN_MATMUL_DIM: a MatMul with a smaller static dimension stays unquantized
 
 
 def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "int8",
@@ -44,6 +48,8 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
     ``calibration`` is a list of feed dicts (see ``calibration_batches``); activation ranges are their
     ``method`` statistic: ``max`` (absolute maximum) or ``entropy`` (KL-divergence threshold).
     """
+    from onnx import TensorProto
+
     if mode not in made_by("quantize"):
         raise MbexportError(f"cannot quantize to '{mode}'; choose one of: {', '.join(made_by('quantize'))}")
     if method not in CALIBRATION_METHODS:
@@ -53,79 +59,110 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
     if not fp32_onnx.is_file():
         raise MbexportError("ONNX file not found", fp32_onnx)
-    import onnx
+    model, weights = read_weightless(fp32_onnx)
+    graph = model.graph
+    by_name = {w.tensor.name: w for w in weights}
+    inputs = _placement(graph, by_name, mode, fp32_onnx)
+    if not inputs:
+        raise MbexportError("no encoder MatMul to quantize: not a Megatron-BERT export", fp32_onnx)
+    for node, index in inputs:
+        weight = by_name.get(node.input[index])
+        if weight is not None and weight.tensor.data_type != TensorProto.FLOAT:
+            raise MbexportError(f"weight {weight.tensor.name} is not fp32: not an fp32 export", fp32_onnx)
+    activations = sorted({node.input[i] for node, i in inputs if node.input[i] not in by_name})
+    ranges = activation_ranges(fp32_onnx, activations, calibration, method)
+    softmax = {out for node in graph.node if node.op_type == "Softmax" for out in node.output}
+    amax = {name: 1.0 if name in softmax else max(abs(low), abs(high)) for name, (low, high) in ranges.items()}
+    quantized, added = _insert(graph, inputs, by_name, amax, mode)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, QDQ_OPSET)
+    read = {name for node in graph.node for name in node.input}
+    kept = [w for w in weights if w.tensor.name in read] + added
+    halved = convert_graph_fp16(graph, [w.tensor for w in kept] + [t for pair in quantized.values() for t in pair])
 
-    quantize = _modelopt_quantize()
-    head = _head_nodes(fp32_onnx)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Model Optimizer rewrites its input in place (shape inference) and writes intermediate models beside
-    # it: give it a private copy, so the recorded fp32 file keeps its hash.
-    with tempfile.TemporaryDirectory(prefix=temp_prefix(out_path), dir=out_path.parent) as tmp:
-        source, quantized = Path(tmp) / "source.onnx", Path(tmp) / "quantized.onnx"
-        shutil.copyfile(fp32_onnx, source)
-        data = fp32_onnx.parent / external_data_name(fp32_onnx)
-        if data.exists():
-            shutil.copyfile(data, Path(tmp) / data.name)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # logs, bars
-                quantize(str(source), quantize_mode=mode, calibration_data_reader=_Batches(calibration),
-                         calibration_method=method, calibration_eps=["cpu"], high_precision_dtype="fp32",
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=head,
-                         output_path=str(quantized), log_level="CRITICAL")
-        except Exception as error:  # Model Optimizer raises assertions and its own types alike
-            raise MbexportError(f"Model Optimizer could not quantize it to {mode} "
-                                f"({first_line(error)})",
-                                fp32_onnx) from error
-        model = onnx.load(str(quantized))
-        convert_graph_fp16(model.graph)
-        store_weights_quantized(model.graph)
-        with checked_onnx(out_path) as staged:
-            save_model(model, staged)
-        return out_path
+    def written():
+        for weight in kept:
+            yield stored(weight, weight.tensor.name in halved)
+        for name, (scale, quantized_weight) in quantized.items():
+            yield from _stored_quantized(by_name[name], scale, quantized_weight, mode, fp32_onnx)
+
+    with checked_onnx(out_path) as staged:
+        save_with_weights(model, written(), staged)
+    return out_path
 
 
-def _head_nodes(onnx_path: str | Path) -> list[str]:
-    """Name patterns of every node after the trunk's final LayerNorm, found by the pre-LN structure.
+def _placement(graph, weights: dict[str, Weight], mode: str, source) -> list[tuple[object, int]]:
+    """(MatMul node, input index) of every input that gets a Q/DQ pair: both inputs of each trunk MatMul the
+    rules in the module docstring quantize."""
+    head = head_nodes(graph, source)
+    static = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in graph.value_info}
+    inputs = []
+    for position, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or position in head or node.input[0] in weights:
+            continue
+        weight = weights.get(node.input[1])
+        if weight is None:  # attention's batched MatMul: [.., K, N] from shape inference, where it is static
+            if mode != "int8":
+                continue
+            k_n = static.get(node.input[1], [None, None])[-2:]
+        elif len(weight.tensor.dims) == 2:
+            k_n = list(weight.tensor.dims)
+        else:
+            continue  # not a linear layer's [in, out] weight: this export has none
+        if not any(d is not None and d < MIN_GEMM for d in k_n):
+            inputs += [(node, 0), (node, 1)]
+    return inputs
 
-    Inside the trunk, each LayerNorm's input (the residual stream) also feeds the residual Add; the final
-    LayerNorm's input feeds only it. Everything downstream of that LayerNorm is the head.
+
+def _insert(graph, inputs, weights: dict[str, Weight], amax: dict[str, float], mode: str):
+    """Put a DequantizeLinear (and, for activations, a QuantizeLinear) before each input in ``inputs``.
+
+    Returns {weight name: (its scale, its quantized tensor)}, TensorProtos without data that
+    ``_stored_quantized`` fills, and the activations' scales and zero points as ``Weight``s held inline.
     """
-    graph = read_weightless(onnx_path)[0].graph
-    consumers = readers(graph)
-    final = next((n for n in graph.node if n.op_type == "LayerNormalization" and len(consumers[n.input[0]]) == 1),
-                 None)
-    if final is None:
-        raise MbexportError("no final LayerNormalization: not a pre-LN Megatron-BERT export", onnx_path)
-    head, frontier = {}, list(final.output)
-    while frontier:
-        for node in consumers.get(frontier.pop(), ()):
-            if node.name not in head:
-                head[node.name] = node
-                frontier += node.output
-    return [f"^{re.escape(name)}$" for name in head]
+    from onnx import TensorProto, helper
+
+    zero_type = TensorProto.INT8 if mode == "int8" else TensorProto.FLOAT8E4M3FN
+    dequantized, before, quantized, added = {}, {}, {}, []
+    for node, index in inputs:
+        name = node.input[index]
+        if name not in dequantized:
+            dequantized[name], nodes = f"{name}.dequantized", []
+            scale, zero = f"{name}.scale", f"{name}.zero"
+            weight = weights.get(name)
+            if weight is None:  # an activation: per tensor, its scale from calibration
+                nodes.append(helper.make_node("QuantizeLinear", [name, scale, zero], [f"{name}.quantized"],
+                                              name=f"{name}.quantize"))
+                added += [Weight(TensorProto(name=scale, data_type=TensorProto.FLOAT),
+                                 inline=symmetric_scales(amax[name], mode).tobytes()),
+                          Weight(TensorProto(name=zero, data_type=zero_type), inline=b"\0")]
+                source, axis = f"{name}.quantized", {}
+            else:  # a weight, [in, out]: per output channel, stored quantized
+                channels = weight.tensor.dims[1]
+                quantized[name] = (TensorProto(name=scale, dims=[channels], data_type=TensorProto.FLOAT16),
+                                   TensorProto(name=f"{name}.quantized", dims=weight.tensor.dims, data_type=zero_type))
+                added.append(Weight(TensorProto(name=zero, dims=[channels], data_type=zero_type),
+                                    inline=bytes(channels)))
+                source, axis = f"{name}.quantized", {"axis": 1}
+            nodes.append(helper.make_node("DequantizeLinear", [source, scale, zero], [dequantized[name]],
+                                          name=f"{name}.dequantize", **axis))
+            before.setdefault(id(node), []).extend(nodes)
+        node.input[index] = dequantized[name]
+    nodes = [new for node in graph.node for new in (*before.get(id(node), ()), node)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return quantized, added
 
 
-class _Batches:
-    """The calibration data reader Model Optimizer expects (ONNX Runtime's protocol plus get_first/rewind)."""
-
-    def __init__(self, batches: list[dict[str, np.ndarray]]):
-        self.batches = batches
-        self.rewind()
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._iter, None)
-
-    def get_first(self) -> dict[str, np.ndarray]:
-        return self.batches[0]
-
-    def rewind(self) -> None:
-        self._iter = iter(self.batches)
-
-
-def _modelopt_quantize():
-    try:
-        from modelopt.onnx.quantization import quantize
-    except ImportError as error:
-        raise MissingDependencyError(f"INT8/FP8 quantization needs NVIDIA Model Optimizer ({error}); "
-                                     "install it with: pip install 'mbexport[quant]'") from None
-    return quantize
+def _stored_quantized(weight: Weight, scale, quantized, mode: str, source):
+    """A weight's (scale, quantized weight) for ``save_with_weights``: fp32 per-channel scales from the fp32
+    weight, then both in fp16 as the graph holds them, and QuantizeLinear of one by the other."""
+    values = np.frombuffer(weight.read(), dtype="<f4").reshape(tuple(weight.tensor.dims))
+    if not np.isfinite(values).all():
+        raise MbexportError(f"weight {weight.tensor.name} holds NaN or infinity", source)
+    scales = symmetric_scales(np.abs(values).max(axis=0), mode).astype(np.float16)
+    halved = saturated_fp16(values)
+    yield scale, scales.tobytes()
+    yield quantized, quantize_linear(halved, scales, mode, axis=1).view(np.uint8).tobytes()
