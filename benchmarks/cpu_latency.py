@@ -77,11 +77,9 @@ def time_one(name: str, work, warmup: int, iters: int) -> dict:
     return {**summarize(measure(timer, warmup, iters)), "torch_threads": torch.get_num_threads()}
 
 
-def quantize_int8(work) -> bool:
+def quantize_int8(work) -> None:
     """Quantize our fp32 export to ``model.int8.onnx`` and record it in its manifest (so ``mbexport bench``
-    sees it too); False when Model Optimizer, which the quantize stage drives, is not installed."""
-    if importlib.util.find_spec("modelopt") is None:
-        return False
+    sees it too)."""
     target = work / "mbexport-qa" / QA / "model.int8.onnx"
     if not target.is_file():
         child(["-c", "from mbexport.quantize import calibration_batches, quantize_onnx\n"
@@ -95,7 +93,6 @@ def quantize_int8(work) -> bool:
                      "manifest = Manifest.load(root)\n"
                      f"manifest.record(get_task({QA!r}), 'int8', 'onnx', {str(target)!r})\n"
                      "manifest.save()\n"])
-    return True
 
 
 def main() -> None:
@@ -114,7 +111,8 @@ def main() -> None:
     if not (args.work / "hf-onnx" / "model.onnx").is_file():
         (args.work / "hf-onnx").mkdir(parents=True, exist_ok=True)
         measured(["-c", TRANSFORMERS.format(src=str(source), out=str(args.work / "hf-onnx" / "model.onnx"))])
-    names = [n for n in RUNNERS if not n.startswith("ours-int8") or quantize_int8(args.work)]
+    quantize_int8(args.work)
+    names = list(RUNNERS)
     results = {}
     for name in names:
         out = child([str(REPO / "benchmarks" / "cpu_latency.py"), "--work", str(args.work), "--warmup",

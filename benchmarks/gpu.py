@@ -25,7 +25,7 @@ SHAPES = ((1, 128), (8, 384), (32, 384))
 
 
 def quantize(ours: Path, task) -> str:
-    """Add int8 and fp8 Q/DQ artifacts to our manifest when the quantize stage (Model Optimizer) runs here."""
+    """Add int8 and fp8 Q/DQ artifacts to our manifest (the quantize stage, as `build` runs it)."""
     from mbexport.errors import MbexportError
     from mbexport.manifest import Manifest
 
