@@ -15,7 +15,6 @@ Target (issue 6): ours no slower than the plain ONNX export (539 ms on the 2-cor
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 
