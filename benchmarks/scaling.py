@@ -1,7 +1,7 @@
 """Wall time, peak memory and bytes of every stage at the Megatron-LM paper's BERT sizes (345M, 1.3B, 3.9B).
 
     python benchmarks/scaling.py 345m [--work /tmp/mbexport-scaling] [--stages convert,export,fp16,validate,build]
-    python benchmarks/scaling.py 1.3b --stages convert,export,fp16,int8,fp8,validate,build
+    python benchmarks/scaling.py 1.3b --stages convert,export,fp16,int8,fp8,validate,build [--calibration 32x128]
     python benchmarks/scaling.py 3.9b            # about 40 GB of disk and 20 GB of memory: on an idle machine
 
 A random checkpoint (fp16 weights, as Megatron trains and saves them) is written in a tensor-parallel TP=4
@@ -12,10 +12,11 @@ counted there) and the largest file it reads or writes. Issue 14's bound is peak
 
 Stages: ``convert`` (to a Hugging Face folder), ``export`` (fp32 ONNX of the QA head, seeded), ``fp16`` (the
 fp32 ONNX to fp16, recorded like ``build`` records it), ``int8`` and ``fp8`` (calibration and Q/DQ for
-TensorRT with the ``qa-int8`` recipe's calibration: 128 seeded examples of 384 tokens, max), ``int8-ort``
-(the same for ONNX Runtime's integer kernels), ``validate`` (fp32 + fp16 against the reference), and
-``build`` (``mbexport build --recipe qa-fp16`` in one process, into a fresh folder). Everything under ``--work`` is deleted at the end unless
-``--keep``; each stage's output that no later stage reads is deleted as soon as it is measured.
+TensorRT, with the ``qa-int8`` recipe's calibration, 128 seeded examples of 384 tokens, or ``--calibration``),
+``int8-ort`` (the same for ONNX Runtime's integer kernels), ``validate`` (fp32 + fp16 against the reference),
+and ``build`` (``mbexport build --recipe qa-fp16`` in one process, into a fresh folder). Everything under
+``--work`` is deleted at the end unless ``--keep``; each stage's output that no later stage reads is deleted
+as soon as it is measured.
 
 Disk at the peak, at 3.9B: checkpoint 7.8 GB, fp32 ONNX 15.6 GB, fp16 ONNX 7.8 GB, plus the stage's staged
 copy before it is moved into place: about 40 GB. ``build`` runs after the stage folder is deleted.
@@ -37,6 +38,7 @@ import torch  # noqa: E402
 from mbexport.config import MegatronBertConfig  # noqa: E402
 
 from mbexport.checkpoint import names  # noqa: E402
+from mbexport.recipes import load_recipe  # noqa: E402
 
 # The checkpoint writers (the inverse of every reader) are test code (tests/checkpoints.py).
 sys.path.insert(0, str(REPO / "tests"))
@@ -73,13 +75,11 @@ from mbexport.config import MegatronBertConfig
 from mbexport.manifest import Manifest
 from mbexport.precisions import get_precision
 from mbexport.quantize import calibration_batches
-from mbexport.recipes import load_recipe
 from mbexport.tasks import get_task
 manifest, task = Manifest.load({out!r}), get_task({task!r})
 config = MegatronBertConfig.from_hf_dict(manifest.config)
-calibration = load_recipe("qa-int8").calibration
 warnings.simplefilter("ignore")  # seeded ids, not text: this measures memory and time
-batches = calibration_batches(task, config, size=calibration.size, sequence=calibration.sequence)
+batches = calibration_batches(task, config, size={size}, sequence={sequence})
 get_precision({mode!r}, {runtime!r}).transform(manifest.path_of(manifest.find(task.name, "fp32", "onnx")[0]),
                                                {target!r}, mode={mode!r}, calibration=batches)
 """
@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
                         help=f"comma list of {', '.join(STAGES)} (default: all but int8)")
     parser.add_argument("--keep", action="store_true", help="leave the checkpoint and outputs under --work")
+    parser.add_argument("--calibration", default=None, metavar="EXAMPLESxTOKENS",
+                        help="calibration of the int8/fp8 stages (default: the qa-int8 recipe's, 128x384)")
     args = parser.parse_args()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -103,6 +105,9 @@ def main() -> None:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     rows, results = [], {}
+    recipe = load_recipe("qa-int8").calibration
+    size, _, sequence = (args.calibration or f"{recipe.size}x{recipe.sequence}").partition("x")
+    calibration = (int(size), int(sequence))
     try:
         start = time.perf_counter()
         checkpoint = write_checkpoint(work / "checkpoint", config)
@@ -110,7 +115,7 @@ def main() -> None:
               f"({parameters(config) / 1e9:.2f}B parameters, TP={TP}, fp16)", flush=True)
         out = work / "stages"
         for stage in stages:
-            result = run_stage(stage, checkpoint, out, work)
+            result = run_stage(stage, checkpoint, out, work, calibration)
             results[stage] = result
             rows.append(row(stage, result))
             print(rows[-1], flush=True)
@@ -123,11 +128,11 @@ def main() -> None:
     print("| stage | wall s | CPU s | peak RSS GB | peak anon GB | largest file GB | RSS / file | read GB | written GB |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    report = {"size": args.size, "parameters": parameters(config), "environment": env, "stages": results}
+    report = {"size": args.size, "calibration": calibration, "parameters": parameters(config), "environment": env, "stages": results}
     print("wrote", save(args.work, f"scaling-{args.size}.json", report))
 
 
-def run_stage(stage: str, checkpoint: Path, out: Path, work: Path) -> dict:
+def run_stage(stage: str, checkpoint: Path, out: Path, work: Path, calibration: tuple[int, int]) -> dict:
     """Run one stage in a fresh process; its figures and the files it read and wrote."""
     qa = ["--task", TASK, "--init-missing-head", "0"]
     if stage == "convert":
@@ -145,7 +150,9 @@ def run_stage(stage: str, checkpoint: Path, out: Path, work: Path) -> dict:
         mode, _, runtime = stage.partition("-")
         target = work / "quantized" / f"model.{stage}.onnx"
         result = measured(["-c", QUANTIZE.format(out=str(out), task=TASK, target=str(target), mode=mode,
-                                                 runtime="onnxruntime" if runtime else "tensorrt")])
+                                                 runtime="onnxruntime" if runtime else "tensorrt",
+                                                 size=calibration[0], sequence=calibration[1])])
+        result["calibration"] = calibration
         result["files"] = sizes(onnx_files(out, "fp32") + list(target.parent.iterdir()))
         shutil.rmtree(target.parent)
     elif stage == "validate":

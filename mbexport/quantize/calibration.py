@@ -22,7 +22,7 @@ from mbexport.tasks import Task, get_task
 from mbexport.text import encode, load_tokenizer, read_lines
 
 BATCH = 16  # rows per calibration batch: enough for stable ranges, small enough for large vocabularies
-ENTROPY_BYTES = 256 << 20  # entropy calibration holds at most this much of activations at once (one row at least)
+RUN_BYTES = 256 << 20  # a calibration run covers as many rows as keep its probed activations under this (one at least)
 
 
 def calibration_batches(task: str | Task, config: MegatronBertConfig, *, text: str | Path | None = None,
@@ -67,14 +67,13 @@ def activation_ranges(fp32_path: str | Path, names: list[str], calibration: list
                       method: str) -> dict[str, tuple[float, float]]:
     """(low, high) of each tensor in ``names`` of the fp32 export over the calibration batches, in ONNX Runtime.
 
-    The session memory-maps the file's weights (``runtime.ort_session(lean=True)``) and runs one batch at a
-    time, so memory is the weights plus a batch's activations, whatever the calibration size. ``max``: each
-    tensor's ReduceMin and ReduceMax run right after the node that makes it (ONNX Runtime runs nodes in the
-    order given, so the tensor is freed as usual once its readers ran), two numbers per tensor and batch.
-    ``entropy``: the tensors themselves are outputs, which ONNX Runtime's histogram collector folds in; all of
-    them are alive at the end of a run, so a batch runs in slices of rows whose outputs fit ``ENTROPY_BYTES``
-    (whole batches for small models, where the histograms then grow exactly as Model Optimizer's do; one row
-    at a time at 345M x 384 tokens). The range is the collector's KL-divergence threshold.
+    The session memory-maps the file's weights (``runtime.ort_session(lean=True)``) and runs a batch in slices
+    of rows whose probed activations fit ``RUN_BYTES`` (the whole batch for small models; one row at a time at
+    345M), so memory is the weights plus a few rows' activations, whatever the calibration size. ``max``: each
+    tensor's ReduceMin and ReduceMax run right after the node that makes it, and are folded into the running
+    minimum and maximum (which slicing cannot change). ``entropy``: the tensors themselves are outputs, which
+    ONNX Runtime's histogram collector folds in slice by slice (whole batches on small models, where the
+    histograms grow exactly as Model Optimizer's do); the range is its KL-divergence threshold.
     """
     from onnx import helper
     from onnxruntime.quantization.calibrate import HistogramCollector
@@ -112,22 +111,24 @@ def activation_ranges(fp32_path: str | Path, names: list[str], calibration: list
             raise MbexportError(f"ONNX Runtime cannot run the calibration batches ({first_line(error)})",
                                 fp32_path) from None
 
+    def slices(feed: dict[str, np.ndarray]):
+        rows, sequence = next(iter(feed.values())).shape[0], max(v.shape[-1] for v in feed.values())
+        row_bytes = sum(4 * math.prod(d if isinstance(d, int) and d > 0 else 1 if d == "batch" else sequence
+                                      for d in dims) for dims in shapes.values())
+        step = max(1, RUN_BYTES // max(row_bytes, 1))
+        for start in range(0, rows, step):
+            yield run({name: array[start:start + step] for name, array in feed.items()})
+
     if method == "max":
         low, high = dict.fromkeys(names, np.inf), dict.fromkeys(names, -np.inf)
-        for feed in calibration:
-            values = run(feed)
+        for values in (values for feed in calibration for values in slices(feed)):
             for name, least, most in zip(names, values[0::2], values[1::2]):
                 low[name], high[name] = min(low[name], float(least)), max(high[name], float(most))
         return {name: (low[name], high[name]) for name in names}
     collector = HistogramCollector("entropy", symmetric=False, num_bins=128, num_quantized_bins=128,
                                    percentile=99.999, scenario="same")
     with contextlib.redirect_stdout(io.StringIO()):  # the collector prints its progress
-        for feed in calibration:
-            rows, sequence = next(iter(feed.values())).shape[0], max(v.shape[-1] for v in feed.values())
-            row_bytes = sum(4 * math.prod(d if isinstance(d, int) and d > 0 else 1 if d == "batch" else sequence
-                                          for d in dims) for dims in shapes.values())
-            step = max(1, ENTROPY_BYTES // max(row_bytes, 1))
-            for start in range(0, rows, step):
-                collector.collect(dict(zip(names, run({k: v[start:start + step] for k, v in feed.items()}))))
+        for values in (values for feed in calibration for values in slices(feed)):
+            collector.collect(dict(zip(names, values)))
         thresholds = collector.compute_collection_result()
     return {name: (float(thresholds[name][0]), float(thresholds[name][1])) for name in names}
