@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from mbexport.errors import MbexportError, first_line
 from mbexport.fsutil import temp_prefix
 from mbexport.manifest import external_data_name
@@ -105,7 +107,8 @@ def checked_onnx(out_path: str | Path) -> Iterator[Path]:
 @dataclass
 class Weight:
     """An initializer of an ONNX file without its bytes: ``tensor`` holds its name, type and shape, no data;
-    the bytes stay in ``file`` (a tensor the file stores in typed fields, always small, keeps them in ``inline``)."""
+    the bytes stay in ``file`` (a tensor the file stores in typed fields, always small, keeps them in ``inline``),
+    or, for one a rewrite derives from others (ONNX Runtime's packed QKV weight), ``compute`` makes them."""
 
     tensor: object  # onnx.TensorProto
     file: Path | None = None
@@ -113,9 +116,12 @@ class Weight:
     length: int = 0
     external: bool = False  # in an external data file, not inside the model file
     inline: bytes = b""
+    compute: Callable[[], bytes] | None = None
 
     def read(self) -> bytes:
-        """The tensor's raw little-endian bytes, read now."""
+        """The tensor's raw little-endian bytes, read (or computed) now."""
+        if self.compute is not None:
+            return self.compute()
         if self.file is None:
             return self.inline
         with open(self.file, "rb") as f:
@@ -213,6 +219,23 @@ def weights_by_reference(path: str | Path, edit: Callable[[object], None] | None
                 tensor.external_data.add(key=key, value=str(value))
         model.graph.initializer.append(tensor)
     return model.SerializeToString()
+
+
+def held(name: str, values: np.ndarray, data_type: int | None = None) -> Weight:
+    """``values`` (small, or computed now) as a ``Weight`` for ``save_with_weights``; ``data_type`` where numpy's
+    type does not say it (float8e4m3fn)."""
+    from onnx import TensorProto, helper
+
+    data_type = helper.np_dtype_to_tensor_dtype(values.dtype) if data_type is None else data_type
+    return Weight(TensorProto(name=name, dims=values.shape, data_type=data_type), inline=values.tobytes())
+
+
+def array(weight: Weight) -> np.ndarray:
+    """A weight's values as a numpy array of its type and shape, read now."""
+    from onnx import helper
+
+    dtype = helper.tensor_dtype_to_np_dtype(weight.tensor.data_type)
+    return np.frombuffer(weight.read(), dtype=dtype.newbyteorder("<")).reshape(tuple(weight.tensor.dims))
 
 
 def _weight(f, path: Path, start: int, end: int) -> Weight:

@@ -9,6 +9,8 @@ any padding (an all-padding row included) gives what the export gives. The expor
 ``Gelu`` (its bias Add before it ORT fuses into BiasGelu when it loads the file). That is all: the rewrite
 works on the graph mbexport exported and needs none of ORT's optimizer, whose copies of the model cost
 several times its size in memory; ORT's own load-time optimizations do the rest on whichever provider runs it.
+The graph is rewritten without its weights, and each weight (the packed QKV ones made from the three it
+replaces) is read and written one at a time.
 SkipLayerNormalization is left out on purpose: ORT's CPU kernel runs it slower than LayerNormalization and
 an Add (0.9 against 0.17 ms at 128 x 1024), and in fp16 it would carry the residual stream in fp16, which
 the fp16 pass (``export.fp16``, shared with TensorRT's fp16 file) keeps in fp32.
@@ -24,7 +26,7 @@ import numpy as np
 
 from mbexport.errors import MbexportError
 from mbexport.export.fp16 import convert_fp16
-from mbexport.export.onnxfile import checked_onnx, readers, save_model
+from mbexport.export.onnxfile import Weight, array, checked_onnx, read_weightless, readers, save_with_weights
 from mbexport.fsutil import temp_prefix
 
 MS = "com.microsoft"  # ONNX Runtime's operator domain
@@ -33,9 +35,9 @@ MASK_INDEX = "mbexport_attention_mask"  # the padding mask as Attention takes it
 
 def fuse_for_ort(fp32_path: str | Path, out_path: str | Path) -> Path:
     """Write ``fp32_path`` with ONNX Runtime's fused operators to ``out_path`` (checked, atomic)."""
-    model = fused_model(fp32_path)
+    model, weights = fused_model(fp32_path)
     with checked_onnx(out_path) as staged:
-        save_model(model, staged)
+        save_with_weights(model, ((weight.tensor, weight.read()) for weight in weights), staged)
     return Path(out_path)
 
 
@@ -48,20 +50,21 @@ def fuse_fp16_for_ort(fp32_path: str | Path, out_path: str | Path) -> Path:
         return convert_fp16(fuse_for_ort(fp32_path, Path(tmp) / "fused.onnx"), out_path)
 
 
-def fused_model(fp32_path: str | Path):
-    """The ModelProto of ``fp32_path`` with every attention block as ``com.microsoft.Attention`` and every GELU
-    as ``com.microsoft.Gelu``; refuses a graph whose attention it does not recognise (a causal mask, say)."""
-    import onnx
+def fused_model(fp32_path: str | Path) -> tuple[object, list[Weight]]:
+    """``fp32_path``'s ModelProto without its weights, every attention block as ``com.microsoft.Attention`` and
+    every GELU as ``com.microsoft.Gelu``, and the weights it reads (``Weight``s, read when written); refuses a
+    graph whose attention it does not recognise (a causal mask, say)."""
     from onnx import helper
 
     if not Path(fp32_path).is_file():
         raise MbexportError("ONNX file not found", fp32_path)
-    model = onnx.load(str(fp32_path))
-    _fuse_attention(model.graph, fp32_path)
-    _fuse_gelu(model.graph)
-    prune(model.graph)
+    model, weights = read_weightless(fp32_path)
+    by_name = {weight.tensor.name: weight for weight in weights}
+    _fuse_attention(model.graph, by_name, fp32_path)
+    _fuse_gelu(model.graph, by_name)
+    live = prune(model.graph)
     model.opset_import.append(helper.make_opsetid(MS, 1))
-    return model
+    return model, [weight for name, weight in by_name.items() if name in live]
 
 
 def _replace(graph, dead: set[int], at: dict[int, list]) -> None:
@@ -72,8 +75,9 @@ def _replace(graph, dead: set[int], at: dict[int, list]) -> None:
     graph.node.extend(nodes)
 
 
-def prune(graph) -> None:
-    """Remove the nodes and initializers nothing reads any more (the export's additive mask, say)."""
+def prune(graph) -> set[str]:
+    """Remove the nodes and initializers nothing reads any more (the export's additive mask, say); returns the
+    names still read, which a caller holding the weights apart from the graph keeps."""
     live = {output.name for output in graph.output}
     kept = []
     for node in reversed(graph.node):
@@ -85,14 +89,15 @@ def prune(graph) -> None:
     used = [init for init in graph.initializer if init.name in live]
     del graph.initializer[:]
     graph.initializer.extend(used)
+    return live
 
 
-def _fuse_gelu(graph) -> None:
+def _fuse_gelu(graph, weights: dict[str, Weight]) -> None:
     """The export's erf GELU, ``(x * (1 + erf(x / sqrt 2))) * 0.5`` (see ``model.modeling.gelu``), as ``Gelu``."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     producer = {out: node for node in graph.node for out in node.output}
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer if math.prod(init.dims) == 1}
+    constants = {name: array(weight) for name, weight in weights.items() if math.prod(weight.tensor.dims) == 1}
 
     def is_constant(name: str, value: float) -> bool:
         return name in constants and math.isclose(float(constants[name]), value, rel_tol=1e-6)
@@ -112,13 +117,13 @@ def _fuse_gelu(graph) -> None:
     _replace(graph, dead, at)
 
 
-def _fuse_attention(graph, source) -> None:
-    """Replace each attention block of ``graph`` in place by one ``Attention`` node."""
-    from onnx import TensorProto, helper, numpy_helper
+def _fuse_attention(graph, weights: dict[str, Weight], source) -> None:
+    """Replace each attention block of ``graph`` in place by one ``Attention`` node, and add its packed weights
+    to ``weights``."""
+    from onnx import TensorProto, helper
 
     producer = {out: node for node in graph.node for out in node.output}
     consumers = readers(graph)
-    weights = {init.name: init for init in graph.initializer}
 
     def refuse(why: str):
         raise MbexportError(f"its attention is not the export's padding-masked pattern ({why}); only heads with "
@@ -136,10 +141,10 @@ def _fuse_attention(graph, source) -> None:
             refuse(f"{node.op_type} {node.name} does not feed one {op}")
         return found[0]
 
-    def constant(name: str) -> np.ndarray:
+    def constant(name: str) -> Weight:
         if name not in weights:
             refuse(f"{name} is not a constant")
-        return numpy_helper.to_array(weights[name])
+        return weights[name]
 
     def projection(head):  # the Transpose of one head split -> its (MatMul, Add, Reshape, Transpose)
         reshape = up(head, 0, "Reshape")
@@ -159,25 +164,29 @@ def _fuse_attention(graph, source) -> None:
         if len({q[0].input[0], k[0].input[0], v[0].input[0]}) != 1:
             refuse("Q, K and V are not projections of one input")
         where = up(add_mask, 1, "Where")  # where(mask, 0, MASK_VALUE): an additive padding mask
-        keep, fill = constant(where.input[1]), constant(where.input[2])
+        keep, fill = array(constant(where.input[1])), array(constant(where.input[2]))
         cast = up(where, 0, "Cast")
         unsqueeze = producer.get(cast.input[0])
         if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or keep.size != 1 or float(keep) != 0.0:
             refuse("the mask is not where(padding mask, 0, value) over keys (a causal head?)")
-        packed_weight = np.concatenate([constant(p[0].input[1]) for p in (q, k, v)], axis=1)
-        packed_bias = np.concatenate([constant(p[1].input[1]) for p in (q, k, v)])
-        hidden = packed_weight.shape[0]
-        head_size = round(float(constant(scale.input[1])) ** -2)
-        if head_size < 1 or hidden % head_size or not math.isclose(float(constant(scale.input[1])),
-                                                                    head_size ** -0.5, rel_tol=1e-5):
+        projections = [constant(p[0].input[1]) for p in (q, k, v)]
+        biases = [constant(p[1].input[1]) for p in (q, k, v)]
+        hidden = projections[0].tensor.dims[0]
+        query_scale = float(array(constant(scale.input[1])))
+        head_size = round(query_scale ** -2)
+        if head_size < 1 or hidden % head_size or not math.isclose(query_scale, head_size ** -0.5, rel_tol=1e-5):
             refuse("the query scale is not 1/sqrt(head size)")
         mask, added = unsqueeze.input[0], []  # the [rows, keys] attention mask, as the graph reads it
         if mask not in masks:
             masks[mask] = f"{MASK_INDEX}_{len(masks)}"
             added.append(helper.make_node("Cast", [mask], [masks[mask]], to=TensorProto.INT32, name=masks[mask]))
         name = f"mbexport_attention_{index}"
-        graph.initializer.extend([numpy_helper.from_array(packed_weight, f"{name}_qkv_weight"),
-                                  numpy_helper.from_array(packed_bias, f"{name}_qkv_bias")])
+        for part, parts, axis in (("weight", projections, 1), ("bias", biases, 0)):
+            dims = list(parts[0].tensor.dims)
+            dims[axis] = sum(p.tensor.dims[axis] for p in parts)
+            weights[f"{name}_qkv_{part}"] = Weight(
+                TensorProto(name=f"{name}_qkv_{part}", dims=dims, data_type=TensorProto.FLOAT),
+                compute=lambda parts=parts, axis=axis: np.concatenate([array(p) for p in parts], axis=axis).tobytes())
         added.append(helper.make_node("Attention", [q[0].input[0], f"{name}_qkv_weight", f"{name}_qkv_bias",
                                                     masks[mask]], [out.output[0]], name=name, domain=MS,
                                       num_heads=hidden // head_size, mask_filter_value=float(fill)))

@@ -11,8 +11,9 @@ row's numbers depend on what else is in its batch (padding and the other rows wi
 quantized with), so Triton's dynamic batcher would change answers; measured on the 345M QA head
 (benchmarks/README.md), the calibrated graph also ran as fast or up to 3% faster, at the same accuracy on
 the trained fixture. Activation ranges are ``max`` (the smallest and largest value seen) or ``entropy`` (ONNX
-Runtime's KL-divergence threshold over histograms), gathered batch by batch so memory stays one batch's
-activations.
+Runtime's KL-divergence threshold over histograms), gathered on the memory-mapped fp32 file a few rows at a
+time (``calibration.activation_ranges``); the fused graph is rewritten without its weights, and each int8
+weight is made from its fp32 one as it is written, so memory stays about the fp32 file.
 """
 
 from __future__ import annotations
@@ -22,19 +23,17 @@ from pathlib import Path
 import numpy as np
 
 from mbexport.errors import MbexportError
-from mbexport.export.onnxfile import checked_onnx, head_nodes, readers, save_model
+from mbexport.export.onnxfile import array, checked_onnx, head_nodes, held, readers, save_with_weights
 from mbexport.export.ort import MS, fused_model, prune
 from mbexport.precisions import CALIBRATION_METHODS, ONNXRUNTIME, made_by
 from mbexport.quantize.calibration import activation_ranges
-
-QMAX = 127  # symmetric int8 weights in [-127, 127]
-
+from mbexport.quantize.weights import quantize_linear, symmetric_scales
 
 def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str = "int8",
                      calibration: list[dict[str, np.ndarray]], method: str = "max") -> Path:
     """Write the int8 version of ``fp32_path`` for ONNX Runtime to ``out_path`` (checked, atomic), its activation
     ranges the ``method`` statistic over ``calibration`` (feed dicts, see ``calibration_batches``)."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     if mode not in made_by("quantize", ONNXRUNTIME):
         raise MbexportError(f"cannot quantize to '{mode}' for {ONNXRUNTIME}; choose one of: "
@@ -45,26 +44,26 @@ def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str =
         raise MbexportError("no calibration batches", fp32_path)
     if not Path(fp32_path).is_file():
         raise MbexportError("ONNX file not found", fp32_path)
-    model = fused_model(fp32_path)
+    model, kept = fused_model(fp32_path)
     graph = model.graph
-    weights = {init.name: init for init in graph.initializer}
+    weights = {weight.tensor.name: weight for weight in kept}
     consumers = readers(graph)
     head = head_nodes(graph, fp32_path)
     targets = [n for position, n in enumerate(graph.node) if position not in head
                and (n.op_type == "Attention" or (n.op_type == "MatMul" and n.input[1] in weights))]
     # The fused operators read the tensors the fp32 export names the same: ranges come from the fp32 file.
     ranges = activation_ranges(fp32_path, sorted({n.input[0] for n in targets}), calibration, method)
-    replaced, folded = {}, set()
+    replaced, folded, quantized_weights, added = {}, set(), {}, []
     for index, node in enumerate(targets):
         name, x, output = f"mbexport_int8_{index}", node.input[0], node.output[0]
-        weight = numpy_helper.to_array(weights[node.input[1]])
-        scale = np.maximum(np.abs(weight).max(axis=0), np.finfo(np.float32).tiny) / QMAX
+        weight = weights[node.input[1]]
+        channels = weight.tensor.dims[1]
         low, high = min(ranges[x][0], 0.0), max(ranges[x][1], 0.0)  # zero must be exact (padding, ReLU-like)
         x_scale = max(high - low, np.finfo(np.float32).tiny) / 255
-        graph.initializer.extend(numpy_helper.from_array(array, f"{name}_{part}") for part, array in (
-            ("w", np.clip(np.rint(weight / scale), -QMAX, QMAX).astype(np.int8)),
-            ("w_scale", scale.astype(np.float32)), ("w_zero", np.zeros(weight.shape[1], np.int8)),
-            ("x_scale", np.array(x_scale, np.float32)), ("x_zero", np.array(np.rint(-low / x_scale), np.uint8))))
+        quantized_weights[f"{name}_w"] = (weight, f"{name}_w_scale")
+        added += [held(f"{name}_w_zero", np.zeros(channels, np.int8)),
+                  held(f"{name}_x_scale", np.array(x_scale, np.float32)),
+                  held(f"{name}_x_zero", np.array(np.rint(-low / x_scale), np.uint8))]
         quantized = [f"{name}_x", f"{name}_x_scale", f"{name}_x_zero"]
         nodes = [helper.make_node("QuantizeLinear", [x, *quantized[1:]], quantized[:1], name=f"{name}_quantize")]
         if node.op_type == "Attention":  # input, weight, bias, input scale, weight scale, mask, zero points
@@ -74,7 +73,7 @@ def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str =
                                                          f"{name}_w_zero"],
                                           [output], name=name, domain=MS, **attributes))
         else:
-            bias = _bias(consumers.get(output, []), output, weights, weight.shape[1])
+            bias = _bias(consumers.get(output, []), output, weights, channels)
             if bias is not None:
                 folded.add(id(bias))
                 output = bias.output[0]
@@ -88,9 +87,19 @@ def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str =
     nodes = [new for node in graph.node if id(node) not in folded for new in replaced.get(id(node), [node])]
     del graph.node[:]
     graph.node.extend(nodes)
-    prune(graph)  # the fp32 weights the integer operators replaced
+    live = prune(graph)  # drops the fp32 weights the integer operators replaced
+
+    def written():  # one weight at a time, each int8 one made from its fp32 source as it is written
+        for weight in [w for w in kept if w.tensor.name in live] + added:
+            yield weight.tensor, weight.read()
+        for name, (weight, scale_name) in quantized_weights.items():  # per output channel, symmetric
+            values = array(weight)
+            scales = symmetric_scales(np.abs(values).max(axis=0), "int8")
+            for made in (held(scale_name, scales), held(name, quantize_linear(values, scales, "int8", axis=1))):
+                yield made.tensor, made.inline
+
     with checked_onnx(out_path) as staged:
-        save_model(model, staged)
+        save_with_weights(model, written(), staged)
     return Path(out_path)
 
 
@@ -102,6 +111,6 @@ def _bias(after: list, output: str, weights: dict, width: int):
         return None
     other = [name for name in after[0].input if name != output]
     bias = weights.get(other[0]) if len(other) == 1 else None
-    if bias is None or tuple(bias.dims) != (width,) or bias.data_type != TensorProto.FLOAT:
+    if bias is None or tuple(bias.tensor.dims) != (width,) or bias.tensor.data_type != TensorProto.FLOAT:
         return None
     return after[0]

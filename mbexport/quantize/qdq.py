@@ -32,7 +32,8 @@ import numpy as np
 
 from mbexport.errors import MbexportError
 from mbexport.export.fp16 import convert_graph_fp16, saturated_fp16, stored
-from mbexport.export.onnxfile import Weight, checked_onnx, head_nodes, read_weightless, save_with_weights
+from mbexport.export.onnxfile import (Weight, array, checked_onnx, head_nodes, held, read_weightless,
+                                      save_with_weights)
 from mbexport.precisions import CALIBRATION_METHODS, made_by
 from mbexport.quantize.calibration import activation_ranges
 from mbexport.quantize.weights import quantize_linear, symmetric_scales
@@ -135,18 +136,16 @@ def _insert(graph, inputs, weights: dict[str, Weight], amax: dict[str, float], m
             if weight is None:  # an activation: per tensor, its scale from calibration
                 nodes.append(helper.make_node("QuantizeLinear", [name, scale, zero], [f"{name}.quantized"],
                                               name=f"{name}.quantize"))
-                added += [Weight(TensorProto(name=scale, data_type=TensorProto.FLOAT),
-                                 inline=symmetric_scales(amax[name], mode).tobytes()),
-                          Weight(TensorProto(name=zero, data_type=zero_type), inline=b"\0")]
-                source, axis = f"{name}.quantized", {}
+                added += [held(scale, symmetric_scales(amax[name], mode)),
+                          held(zero, np.zeros((), np.uint8), zero_type)]
+                axis = {}
             else:  # a weight, [in, out]: per output channel, stored quantized
                 channels = weight.tensor.dims[1]
                 quantized[name] = (TensorProto(name=scale, dims=[channels], data_type=TensorProto.FLOAT16),
                                    TensorProto(name=f"{name}.quantized", dims=weight.tensor.dims, data_type=zero_type))
-                added.append(Weight(TensorProto(name=zero, dims=[channels], data_type=zero_type),
-                                    inline=bytes(channels)))
-                source, axis = f"{name}.quantized", {"axis": 1}
-            nodes.append(helper.make_node("DequantizeLinear", [source, scale, zero], [dequantized[name]],
+                added.append(held(zero, np.zeros(channels, np.uint8), zero_type))
+                axis = {"axis": 1}
+            nodes.append(helper.make_node("DequantizeLinear", [f"{name}.quantized", scale, zero], [dequantized[name]],
                                           name=f"{name}.dequantize", **axis))
             before.setdefault(id(node), []).extend(nodes)
         node.input[index] = dequantized[name]
@@ -159,7 +158,7 @@ def _insert(graph, inputs, weights: dict[str, Weight], amax: dict[str, float], m
 def _stored_quantized(weight: Weight, scale, quantized, mode: str, source):
     """A weight's (scale, quantized weight) for ``save_with_weights``: fp32 per-channel scales from the fp32
     weight, then both in fp16 as the graph holds them, and QuantizeLinear of one by the other."""
-    values = np.frombuffer(weight.read(), dtype="<f4").reshape(tuple(weight.tensor.dims))
+    values = array(weight)
     if not np.isfinite(values).all():
         raise MbexportError(f"weight {weight.tensor.name} holds NaN or infinity", source)
     scales = symmetric_scales(np.abs(values).max(axis=0), mode).astype(np.float16)
