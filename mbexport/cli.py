@@ -335,14 +335,8 @@ def _calibrated() -> list[str]:
 
 
 def _build_precisions() -> str:
-    """build's --precision help, from the precision registry: the names, and the extras some of them need."""
-    needs: dict[tuple[str, str], list[str]] = {}
-    for p in PRECISIONS.values():
-        if p.extra:
-            needs.setdefault((p.extra, p.runtime), []).append(p.name)
-    extras = "".join(f"; {' and '.join(names)} for {runtime} need pip install 'mbexport[{extra}]'"
-                     for (extra, runtime), names in needs.items())
-    return f"{', '.join(NAMES)} (default {BUILD_PRECISION}){extras}."
+    """build's --precision help, from the precision registry."""
+    return f"{', '.join(NAMES)} (default {BUILD_PRECISION})."
 
 
 def _build_runtimes() -> str:

@@ -40,7 +40,6 @@ class Precision:
     tolerances: dict  # validate's defaults: atol, rtol (None: reported, not gated), cosine, agreement
     engine_tolerances: dict | None = None  # where a TensorRT engine of it may differ more than its ONNX
     calibrated: bool = False  # needs calibration data (--calib-text, a recipe's [calibration])
-    extra: str | None = None  # the pip extra its transform needs
     min_capability: tuple[int, int] | None = None  # the oldest GPU (compute capability) its engine kernels run on
     math: str | None = None  # the datasheet peak its matmuls run at; None: no single honest peak
     torch_dtype: str | None = None  # the dtype the PyTorch reference runs it in; None: no plain equivalent

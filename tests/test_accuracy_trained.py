@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from accuracy_protocol import accuracy  # tests/accuracy_protocol.py: the fixture README's protocol
-from conftest import missing
 from mbexport.checkpoint import load_checkpoint
 from mbexport.export import export_onnx
 from mbexport.model import build_reference
@@ -50,7 +49,7 @@ def scores(request, tmp_path_factory):
                                   size=CALIBRATION)
     paths = {EXPORTED: (fp32, get_precision(EXPORTED))}
     for precision in PRECISIONS.values():
-        if precision.transform is None or (precision.extra and missing(precision.extra)):
+        if precision.transform is None:
             continue
         calibrated = {"mode": precision.name, "calibration": batches} if precision.calibrated else {}
         paths[precision.label] = (precision.transform(fp32, folder / precision.file_name("onnx"), **calibrated),
@@ -77,8 +76,7 @@ def test_fp32_onnx_reproduces_the_readme_figure(scores):
     assert abs(by_precision["fp32"].value - README_FP32[task][0]) < 0.015, by_precision["fp32"]
 
 
-@pytest.mark.parametrize("precision", [pytest.param(p.label, marks=[getattr(pytest.mark, p.extra)] if p.extra else [])
-                                       for p in PRECISIONS.values() if p.transform is not None])
+@pytest.mark.parametrize("precision", [p.label for p in PRECISIONS.values() if p.transform is not None])
 def test_precision_keeps_99_percent_of_fp32_accuracy(scores, precision):
     task, by_precision = scores
     assert by_precision[precision].value >= 0.99 * by_precision["fp32"].value, (
