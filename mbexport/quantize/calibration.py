@@ -83,20 +83,20 @@ def activation_ranges(fp32_path: str | Path, names: list[str], calibration: list
     wanted = set(names)
     reduced = {name: (f"mbexport_min_{i}", f"mbexport_max_{i}") for i, name in enumerate(names)}
     outputs = [out for pair in reduced.values() for out in pair] if method == "max" else names
-
     shapes = {}
+
+    def reductions(names_made: list[str]) -> list:
+        return [helper.make_node(op, [name], [out], keepdims=0) for name in names_made if name in wanted
+                for op, out in zip(("ReduceMin", "ReduceMax"), reduced[name])]
 
     def probe(model) -> None:
         graph = model.graph
         shapes.update((v.name, [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim])
                       for v in graph.value_info if v.name in wanted)
-        if method == "max":
-            nodes = [helper.make_node(op, [name], [out], keepdims=0) for name in wanted & {i.name for i in graph.input}
-                     for op, out in zip(("ReduceMin", "ReduceMax"), reduced[name])]
+        if method == "max":  # each tensor's probes right after the node that makes it
+            nodes = reductions([i.name for i in graph.input])
             for node in graph.node:
-                nodes.append(node)
-                nodes += [helper.make_node(op, [name], [out], keepdims=0) for name in node.output if name in wanted
-                          for op, out in zip(("ReduceMin", "ReduceMax"), reduced[name])]
+                nodes += [node, *reductions(node.output)]
             del graph.node[:]
             graph.node.extend(nodes)
         del graph.output[:]
