@@ -18,6 +18,7 @@ import numpy as np
 from mbexport.config import MegatronBertConfig
 from mbexport.errors import MbexportError, first_line
 from mbexport.inputs import sample_batch
+from mbexport.precisions import CALIBRATION_METHODS, DEFAULT_RUNTIME, made_by
 from mbexport.tasks import Task, get_task
 from mbexport.text import encode, load_tokenizer, read_lines
 
@@ -61,6 +62,22 @@ def calibration_batches(task: str | Task, config: MegatronBertConfig, *, text: s
             feed = {name: array.reshape(-1, choices, array.shape[-1]) for name, array in feed.items()}
         batches.append({name: feed[name] for name in task.input_names})
     return batches
+
+
+def check_request(fp32_path: str | Path, mode: str, method: str, calibration: list, runtime: str) -> Path:
+    """Refuse, in one line, a quantization ``runtime``'s quantize stage does not make, an unknown method, no
+    calibration or a missing fp32 file; the fp32 file's path."""
+    made = made_by("quantize", runtime)
+    if mode not in made:
+        shaped = "" if runtime == DEFAULT_RUNTIME else f" for {runtime}"
+        raise MbexportError(f"cannot quantize to '{mode}'{shaped}; choose one of: {', '.join(made)}")
+    if method not in CALIBRATION_METHODS:
+        raise MbexportError(f"unknown calibration method '{method}'; choose one of: {', '.join(CALIBRATION_METHODS)}")
+    if not calibration:
+        raise MbexportError("no calibration batches", fp32_path)
+    if not Path(fp32_path).is_file():
+        raise MbexportError("ONNX file not found", fp32_path)
+    return Path(fp32_path)
 
 
 def activation_ranges(fp32_path: str | Path, names: list[str], calibration: list[dict[str, np.ndarray]],

@@ -25,9 +25,10 @@ import numpy as np
 from mbexport.errors import MbexportError
 from mbexport.export.onnxfile import array, checked_onnx, head_nodes, held, readers, save_with_weights
 from mbexport.export.ort import MS, fused_model, prune
-from mbexport.precisions import CALIBRATION_METHODS, ONNXRUNTIME, made_by
-from mbexport.quantize.calibration import activation_ranges
+from mbexport.precisions import ONNXRUNTIME
+from mbexport.quantize.calibration import activation_ranges, check_request
 from mbexport.quantize.weights import quantize_linear, symmetric_scales
+
 
 def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str = "int8",
                      calibration: list[dict[str, np.ndarray]], method: str = "max") -> Path:
@@ -35,15 +36,7 @@ def quantize_for_ort(fp32_path: str | Path, out_path: str | Path, *, mode: str =
     ranges the ``method`` statistic over ``calibration`` (feed dicts, see ``calibration_batches``)."""
     from onnx import helper
 
-    if mode not in made_by("quantize", ONNXRUNTIME):
-        raise MbexportError(f"cannot quantize to '{mode}' for {ONNXRUNTIME}; choose one of: "
-                            f"{', '.join(made_by('quantize', ONNXRUNTIME))}")
-    if method not in CALIBRATION_METHODS:
-        raise MbexportError(f"unknown calibration method '{method}'; choose one of: {', '.join(CALIBRATION_METHODS)}")
-    if not calibration:
-        raise MbexportError("no calibration batches", fp32_path)
-    if not Path(fp32_path).is_file():
-        raise MbexportError("ONNX file not found", fp32_path)
+    check_request(fp32_path, mode, method, calibration, ONNXRUNTIME)
     model, kept = fused_model(fp32_path)
     graph = model.graph
     weights = {weight.tensor.name: weight for weight in kept}

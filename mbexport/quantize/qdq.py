@@ -16,7 +16,7 @@ here the model decides, not the batch.
 Why not Model Optimizer itself: it loads, checks, shape-infers and saves the whole model about ten times
 over. On the 345M QA head it held 12.7 GB for 4 calibration rows and took 290 s; at 1.3B it ran out of 24
 GB. Here the graph is rewritten without its weights, the activation ranges come from ONNX Runtime running
-the fp32 file with memory-mapped weights one batch at a time (``calibration.activation_ranges``), and each
+the fp32 file with memory-mapped weights a few rows at a time (``calibration.activation_ranges``), and each
 weight is then read, quantized and written on its own.
 
 What is not quantized runs in fp16, with the fp16 export's fp32 islands (``export.fp16``): TensorRT 11
@@ -34,8 +34,8 @@ from mbexport.errors import MbexportError
 from mbexport.export.fp16 import convert_graph_fp16, saturated_fp16, stored
 from mbexport.export.onnxfile import (Weight, array, checked_onnx, head_nodes, held, read_weightless,
                                       save_with_weights)
-from mbexport.precisions import CALIBRATION_METHODS, made_by
-from mbexport.quantize.calibration import activation_ranges
+from mbexport.precisions import DEFAULT_RUNTIME
+from mbexport.quantize.calibration import activation_ranges, check_request
 from mbexport.quantize.weights import quantize_linear, symmetric_scales
 
 QDQ_OPSET = 19  # QuantizeLinear of float8e4m3fn, saturating
@@ -51,15 +51,7 @@ def quantize_onnx(fp32_onnx: str | Path, out_path: str | Path, *, mode: str = "i
     """
     from onnx import TensorProto
 
-    if mode not in made_by("quantize"):
-        raise MbexportError(f"cannot quantize to '{mode}'; choose one of: {', '.join(made_by('quantize'))}")
-    if method not in CALIBRATION_METHODS:
-        raise MbexportError(f"unknown calibration method '{method}'; choose one of: {', '.join(CALIBRATION_METHODS)}")
-    if not calibration:
-        raise MbexportError("no calibration batches", fp32_onnx)
-    fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
-    if not fp32_onnx.is_file():
-        raise MbexportError("ONNX file not found", fp32_onnx)
+    fp32_onnx, out_path = check_request(fp32_onnx, mode, method, calibration, DEFAULT_RUNTIME), Path(out_path)
     model, weights = read_weightless(fp32_onnx)
     graph = model.graph
     by_name = {w.tensor.name: w for w in weights}
